@@ -61,7 +61,7 @@ fn metrics(scenario: &str) -> &'static [&'static str] {
             "handshakes_per_s",
             "proxy_cores",
         ],
-        "lat" => &["p50_us", "p99_us", "p999_us"],
+        "lat" => &["p50_us", "p99_us", "p999_us", "send_lag_p99_us"],
         "idle" => &[
             "kib_per_conn_rss",
             "kib_per_conn_pss",
