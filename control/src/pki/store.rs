@@ -1,0 +1,261 @@
+//! The local PKI: every CA and the gateway's server certificate, kept as PEM files in a state
+//! directory so that `bkpool local` survives restarts and clients keep trusting it.
+//!
+//! Layout (directories 0700, `*.key` 0600, `*.pem` 0644):
+//!
+//! ```text
+//! <dir>/gateway/ca.pem, ca.key          server CA: what clients trust (buildctl --tlscacert)
+//! <dir>/gateway/server.pem, server.key  the gateway's server certificate, issued by that CA
+//! <dir>/pools/<namespace>/<name>/client-ca.pem, client-ca.key
+//!                                       one client CA per pool: a pool's certs open no other pool
+//! <dir>/backend/ca.pem, ca.key          backend CA for an mTLS leg to buildkitd (its server
+//!                                       certs and the gateway's client cert)
+//! ```
+//!
+//! Whatever is missing is created; whatever exists is checked and never silently replaced: a
+//! corrupt, unreadable or mismatched file, or one half of a key pair without the other, is an
+//! error naming the file and leaves every file as it was. The one thing renewed in place is
+//! the gateway server certificate, when it nears expiry or lacks a requested name; the CA
+//! behind it stays, so clients keep trusting the gateway.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use proxy::names::PoolId;
+
+use super::files::{CERT_MODE, KEY_MODE, ensure_dir, read_text, write_atomic};
+use super::inspect::{CertInfo, key_from_pem};
+use super::issue::is_dns_name;
+use super::{Ca, PkiError};
+
+/// How long a generated CA is valid: long, because replacing one means redistributing trust.
+pub const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// How long the gateway's server certificate is valid; it is renewed with a third left.
+pub const SERVER_CERT_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
+
+/// Where the host's name is read from, for the gateway certificate's SANs.
+const HOSTNAME_FILE: &str = "/proc/sys/kernel/hostname";
+
+/// The CAs of a local PKI, loaded from (and created in) its state directory.
+#[derive(Debug)]
+pub struct LocalPki {
+    dir: PathBuf,
+    gateway_ca: Ca,
+    backend_ca: Ca,
+    pool_cas: BTreeMap<PoolId, Ca>,
+}
+
+impl LocalPki {
+    /// Opens the PKI in `dir`, creating what is missing: CAs for the gateway, the backend leg
+    /// and each of `pools`, and a gateway server certificate for loopback, the host name and
+    /// `server_names` (renewed if due or lacking one of them).
+    pub fn open_or_init(
+        dir: &Path,
+        pools: &[PoolId],
+        server_names: &[String],
+    ) -> Result<Self, PkiError> {
+        ensure_dir(dir)?;
+        let gateway_ca = open_or_create_ca(&dir.join("gateway"), "ca", "bkpool gateway server CA")?;
+        let backend_ca = open_or_create_ca(&dir.join("backend"), "ca", "bkpool backend CA")?;
+        let mut pki = Self {
+            dir: dir.to_path_buf(),
+            gateway_ca,
+            backend_ca,
+            pool_cas: BTreeMap::new(),
+        };
+        for pool in pools {
+            pki.add_pool(pool)?;
+        }
+        pki.ensure_server_cert(server_names, SystemTime::now())?;
+        Ok(pki)
+    }
+
+    /// Loads `pool`'s client CA, creating it if the pool is new.
+    pub fn add_pool(&mut self, pool: &PoolId) -> Result<&Ca, PkiError> {
+        if !self.pool_cas.contains_key(pool) {
+            let dir = self.pool_dir(pool);
+            let common_name = format!("bkpool client CA {pool}");
+            let ca = open_or_create_ca(&dir, "client-ca", &common_name)?;
+            self.pool_cas.insert(pool.clone(), ca);
+        }
+        Ok(&self.pool_cas[pool])
+    }
+
+    /// Renews the gateway server certificate if it is within a third of its lifetime of
+    /// expiry (as of `now`) or lacks one of the wanted names. Returns whether it renewed.
+    pub fn ensure_server_cert(
+        &self,
+        server_names: &[String],
+        now: SystemTime,
+    ) -> Result<bool, PkiError> {
+        let wanted = wanted_server_names(server_names);
+        let (cert_path, key_path) = (self.server_cert_path(), self.server_key_path());
+        if !pair_exists(&cert_path, &key_path)? {
+            self.write_server_cert(&wanted, &cert_path, &key_path)?;
+            tracing::info!(path = %cert_path.display(), "created gateway server certificate");
+            return Ok(true);
+        }
+        let info = self.load_server_cert(&cert_path, &key_path)?;
+        let Some(reason) = renewal_reason(&info, &wanted, now) else {
+            return Ok(false);
+        };
+        self.write_server_cert(&wanted, &cert_path, &key_path)?;
+        tracing::info!(path = %cert_path.display(), reason, "renewed gateway server certificate");
+        Ok(true)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The CA clients trust for the gateway (`buildctl --tlscacert`).
+    pub fn gateway_ca_path(&self) -> PathBuf {
+        self.dir.join("gateway/ca.pem")
+    }
+
+    pub fn server_cert_path(&self) -> PathBuf {
+        self.dir.join("gateway/server.pem")
+    }
+
+    pub fn server_key_path(&self) -> PathBuf {
+        self.dir.join("gateway/server.key")
+    }
+
+    pub fn backend_ca_path(&self) -> PathBuf {
+        self.dir.join("backend/ca.pem")
+    }
+
+    /// `pool`'s client CA certificate (whether or not the pool is known).
+    pub fn pool_ca_path(&self, pool: &PoolId) -> PathBuf {
+        self.pool_dir(pool).join("client-ca.pem")
+    }
+
+    pub fn pool_ca_key_path(&self, pool: &PoolId) -> PathBuf {
+        self.pool_dir(pool).join("client-ca.key")
+    }
+
+    pub fn gateway_ca(&self) -> &Ca {
+        &self.gateway_ca
+    }
+
+    pub fn backend_ca(&self) -> &Ca {
+        &self.backend_ca
+    }
+
+    pub fn pool_ca(&self, pool: &PoolId) -> Option<&Ca> {
+        self.pool_cas.get(pool)
+    }
+
+    pub fn pools(&self) -> impl Iterator<Item = &PoolId> {
+        self.pool_cas.keys()
+    }
+
+    fn pool_dir(&self, pool: &PoolId) -> PathBuf {
+        self.dir
+            .join("pools")
+            .join(pool.namespace())
+            .join(pool.name())
+    }
+
+    fn load_server_cert(&self, cert_path: &Path, key_path: &Path) -> Result<CertInfo, PkiError> {
+        let info = CertInfo::from_pem(&read_text(cert_path)?, cert_path)?;
+        let key = key_from_pem(&read_text(key_path)?, key_path)?;
+        info.check_key(&key, key_path, cert_path)?;
+        info.check_issued_by(
+            self.gateway_ca.cert_der(),
+            cert_path,
+            &self.gateway_ca_path(),
+        )?;
+        Ok(info)
+    }
+
+    /// Key first, then certificate: a reader that catches the pair mid-update sees a
+    /// mismatch and keeps its last good pair until the certificate lands.
+    fn write_server_cert(
+        &self,
+        names: &[String],
+        cert_path: &Path,
+        key_path: &Path,
+    ) -> Result<(), PkiError> {
+        let issued = self.gateway_ca.issue_server(names, SERVER_CERT_VALIDITY)?;
+        let key_pem = issued.key_pem.as_deref().unwrap_or_default();
+        write_atomic(key_path, key_pem.as_bytes(), KEY_MODE)?;
+        write_atomic(cert_path, issued.cert_pem.as_bytes(), CERT_MODE)
+    }
+}
+
+/// Loads `<dir>/<stem>.pem` + `<dir>/<stem>.key`, or creates both if neither exists.
+fn open_or_create_ca(dir: &Path, stem: &str, common_name: &str) -> Result<Ca, PkiError> {
+    let cert_path = dir.join(format!("{stem}.pem"));
+    let key_path = dir.join(format!("{stem}.key"));
+    if pair_exists(&cert_path, &key_path)? {
+        return Ca::load(&cert_path, &key_path);
+    }
+    ensure_dir(dir)?;
+    let ca = Ca::generate(common_name, CA_VALIDITY)?;
+    write_atomic(&key_path, ca.key_pem().as_bytes(), KEY_MODE)?;
+    write_atomic(&cert_path, ca.cert_pem().as_bytes(), CERT_MODE)?;
+    tracing::info!(path = %cert_path.display(), common_name, "created CA");
+    Ok(ca)
+}
+
+/// Whether both halves exist; an error if only one does (creating the other would pair a
+/// new key with an old certificate, or hide a lost one).
+fn pair_exists(cert_path: &Path, key_path: &Path) -> Result<bool, PkiError> {
+    let exists = |p: &Path| {
+        p.try_exists().map_err(|source| PkiError::Read {
+            path: p.into(),
+            source,
+        })
+    };
+    match (exists(cert_path)?, exists(key_path)?) {
+        (true, true) => Ok(true),
+        (false, false) => Ok(false),
+        (true, false) => Err(PkiError::HalfPair {
+            present: cert_path.into(),
+            missing: key_path.into(),
+        }),
+        (false, true) => Err(PkiError::HalfPair {
+            present: key_path.into(),
+            missing: cert_path.into(),
+        }),
+    }
+}
+
+/// Loopback, the host name and `extra`, each once, IP addresses in canonical form.
+fn wanted_server_names(extra: &[String]) -> Vec<String> {
+    let hostname = std::fs::read_to_string(HOSTNAME_FILE).unwrap_or_default();
+    let hostname = hostname.trim().to_ascii_lowercase();
+    let mut names: Vec<String> = vec!["127.0.0.1".into(), "::1".into(), "localhost".into()];
+    if is_dns_name(&hostname) {
+        names.push(hostname);
+    }
+    for name in extra {
+        names.push(match name.parse::<IpAddr>() {
+            Ok(ip) => ip.to_string(),
+            Err(_) => name.to_ascii_lowercase(),
+        });
+    }
+    let mut seen = std::collections::HashSet::new();
+    names.retain(|n| seen.insert(n.clone()));
+    names
+}
+
+/// Why the server certificate must be renewed at `now`, if it must.
+fn renewal_reason(info: &CertInfo, wanted: &[String], now: SystemTime) -> Option<&'static str> {
+    let lifetime = info
+        .not_after
+        .duration_since(info.not_before)
+        .unwrap_or_default();
+    let left = info.not_after.duration_since(now).unwrap_or_default();
+    if left < lifetime / 3 {
+        return Some("within a third of its lifetime of expiry");
+    }
+    let has = |w: &String| info.server_names.iter().any(|n| n.eq_ignore_ascii_case(w));
+    if !wanted.iter().all(has) {
+        return Some("lacks a requested server name");
+    }
+    None
+}
