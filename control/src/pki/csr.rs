@@ -47,14 +47,20 @@ pub struct RequestedKey {
 pub fn requested_key(csr_pem: &str) -> Result<RequestedKey, CsrError> {
     let der = CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
         .map_err(|_| CsrError::NotPem)?;
-    let (rest, csr) =
-        X509CertificationRequest::from_der(der.as_ref()).map_err(|_| CsrError::Malformed)?;
+    requested_key_der(der.as_ref())
+}
+
+/// As [`requested_key`], from DER.
+pub fn requested_key_der(der: &[u8]) -> Result<RequestedKey, CsrError> {
+    let (rest, csr) = X509CertificationRequest::from_der(der).map_err(|_| CsrError::Malformed)?;
     if !rest.is_empty() {
         return Err(CsrError::Malformed);
     }
-    csr.verify_signature().map_err(|_| CsrError::BadSignature)?;
+    // The key first: a key we refuse may also be one the verifier cannot check, and
+    // "unsupported key" is the answer that tells the requester what to change.
     let spki = &csr.certification_request_info.subject_pki;
     let alg = accepted_algorithm(spki)?;
+    csr.verify_signature().map_err(|_| CsrError::BadSignature)?;
     let raw = spki.subject_public_key.data.to_vec();
     Ok(RequestedKey { raw, alg })
 }
