@@ -109,3 +109,175 @@ fn accepted_algorithm(
         None => Err(CsrError::UnsupportedKey("EC without a named curve".into())),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use proxy::identify::identify;
+    use proxy::names::{ClientIdentity, PoolId};
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair, PKCS_ED25519,
+        RsaKeySize,
+    };
+    use x509_parser::prelude::X509Certificate;
+
+    use super::*;
+    use crate::pki::{Ca, PkiError};
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    /// RSA-1024 request made with `openssl req -newkey rsa:1024` (rcgen will not make one).
+    const RSA_1024_CSR: &str = "-----BEGIN CERTIFICATE REQUEST-----
+MIIBTjCBuAIBADAPMQ0wCwYDVQQDDAR3ZWFrMIGfMA0GCSqGSIb3DQEBAQUAA4GN
+ADCBiQKBgQDMvCK7pRySyoagiebJCZBowxoOVz4z65Pn1Tk4yTyDasYUby7xiiDv
+6G7rGWDxvE7FL1wqKhMCJ5vXobo/PlzzV1lUpbRzMhsMHKBNi4roWoq7r8BIN7EU
+8dRABMYAybxNf7mVv1cTyIY6Rntz4xodeyUK+GfwMC0CCVEGV4yu2wIDAQABoAAw
+DQYJKoZIhvcNAQELBQADgYEAORSo9tXrWhTYW4+04nDJ7RbnddE/OjiUcaJvDZDK
+ogEkRajxRZ7p+CNu4+M7OFrOPH+njUTVbOphgdWNlGs17vZ0xXqLeOOcT4abTsCB
+jjE1AkbC/rlFtlhooGEDxzm/NHaokVefj8IwTfRNsTlrMm647Y4Htyze6nLg+cvI
+LN0=
+-----END CERTIFICATE REQUEST-----
+";
+
+    /// secp256k1 request made with `openssl req -newkey ec -pkeyopt ec_paramgen_curve:secp256k1`.
+    const SECP256K1_CSR: &str = "-----BEGIN CERTIFICATE REQUEST-----
+MIHDMGwCAQAwDTELMAkGA1UEAwwCazEwVjAQBgcqhkjOPQIBBgUrgQQACgNCAATM
+S81gTaVJcHHgoqclC0dvvb7cWDoMNLYBIBGtMEacoH/qVBWpa1qT6QwVNsC6xbzh
+UR0TRc8W0XSRqisURrTAoAAwCgYIKoZIzj0EAwIDRwAwRAIgfkfzTOEIphU9MCrU
+5Hw/uM/tOBaiLsfFn8co5Clw69ECIFmI3Nin9jWVUAQR/Gym16SLePLHLsaX50EA
+A8yiTXWZ
+-----END CERTIFICATE REQUEST-----
+";
+
+    /// A request from `key` asking for everything it should not get.
+    fn greedy_csr(key: &KeyPair) -> rcgen::CertificateSigningRequest {
+        let mut params =
+            CertificateParams::new(vec!["evil.example".to_owned(), "10.0.0.1".to_owned()]).unwrap();
+        params.subject_alt_names.push(rcgen::SanType::URI(
+            "bkpool://local/other/root".try_into().unwrap(),
+        ));
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "root");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::Any,
+        ];
+        params.serialize_request(key).unwrap()
+    }
+
+    fn sign(ca: &Ca, csr_pem: &str) -> Result<crate::pki::IssuedCert, PkiError> {
+        let pool: PoolId = "a".parse().unwrap();
+        ca.sign_client_csr(csr_pem, &pool, &ClientIdentity::new("alice").unwrap(), HOUR)
+    }
+
+    fn csr_error(result: Result<crate::pki::IssuedCert, PkiError>) -> CsrError {
+        match result {
+            Err(PkiError::Csr(e)) => e,
+            other => panic!("expected a CSR error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn csr_signing_keeps_only_the_key_and_sets_every_name_itself() {
+        let ca = Ca::generate("a", 24 * HOUR).unwrap();
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert = sign(&ca, &greedy_csr(&key).pem().unwrap()).unwrap();
+        assert!(cert.key_pem.is_none());
+        let (_, parsed) = X509Certificate::from_der(cert.cert_der()).unwrap();
+        assert_eq!(
+            parsed.public_key().subject_public_key.data.as_ref(),
+            key.public_key_raw()
+        );
+        let sans = &parsed
+            .subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names;
+        assert_eq!(sans.len(), 1, "{sans:?}");
+        let peer = identify(cert.cert_der()).unwrap();
+        assert_eq!(
+            (peer.pool.as_str(), peer.identity.as_str()),
+            ("local/a", "alice")
+        );
+        let cn = parsed
+            .subject()
+            .iter_common_name()
+            .next()
+            .unwrap()
+            .as_str()
+            .unwrap();
+        assert_eq!(cn, "alice");
+        let eku = parsed.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.client_auth && !eku.server_auth && !eku.any);
+        assert!(!parsed.is_ca());
+    }
+
+    #[test]
+    fn p384_and_rsa_2048_keys_are_accepted() {
+        let ca = Ca::generate("a", 24 * HOUR).unwrap();
+        let p384 = KeyPair::generate_for(&PKCS_ECDSA_P384_SHA384).unwrap();
+        let rsa = KeyPair::generate_rsa_for(&PKCS_RSA_SHA256, RsaKeySize::_2048).unwrap();
+        for key in [p384, rsa] {
+            let cert = sign(&ca, &greedy_csr(&key).pem().unwrap()).unwrap();
+            let (_, parsed) = X509Certificate::from_der(cert.cert_der()).unwrap();
+            assert_eq!(
+                parsed.public_key().subject_public_key.data.as_ref(),
+                key.public_key_raw()
+            );
+            assert_eq!(parsed.public_key().raw, key.subject_public_key_info());
+        }
+    }
+
+    #[test]
+    fn weak_and_unsupported_keys_are_refused_by_name() {
+        let ca = Ca::generate("a", 24 * HOUR).unwrap();
+        assert_eq!(csr_error(sign(&ca, RSA_1024_CSR)), CsrError::WeakRsa(1024));
+        assert!(
+            matches!(csr_error(sign(&ca, SECP256K1_CSR)), CsrError::UnsupportedKey(k) if k.contains("1.3.132.0.10"))
+        );
+        let ed = KeyPair::generate_for(&PKCS_ED25519).unwrap();
+        let ed_csr = CertificateParams::default()
+            .serialize_request(&ed)
+            .unwrap()
+            .pem()
+            .unwrap();
+        assert!(matches!(
+            csr_error(sign(&ca, &ed_csr)),
+            CsrError::UnsupportedKey(_)
+        ));
+    }
+
+    #[test]
+    fn a_tampered_request_fails_its_signature_check() {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let csr = CertificateParams::default()
+            .serialize_request(&key)
+            .unwrap();
+        let mut der = csr.der().to_vec();
+        // The subject's CN value sits inside the signed info: change one of its letters.
+        let at = der
+            .windows(3)
+            .position(|w| w == b"rcg")
+            .expect("default CN in the request");
+        der[at] = b'R';
+        assert_eq!(requested_key_der(&der).unwrap_err(), CsrError::BadSignature);
+        assert!(requested_key_der(csr.der()).is_ok());
+    }
+
+    #[test]
+    fn garbage_is_not_a_request() {
+        let ca = Ca::generate("a", 24 * HOUR).unwrap();
+        assert_eq!(csr_error(sign(&ca, "")), CsrError::NotPem);
+        assert_eq!(csr_error(sign(&ca, ca.cert_pem())), CsrError::NotPem);
+        let truncated = &RSA_1024_CSR[..RSA_1024_CSR.len() / 2];
+        assert_eq!(csr_error(sign(&ca, truncated)), CsrError::NotPem);
+        assert_eq!(
+            requested_key_der(b"\x30\x03\x02\x01\x00").unwrap_err(),
+            CsrError::Malformed
+        );
+    }
+}

@@ -312,3 +312,228 @@ pub(crate) fn is_dns_name(name: &str) -> bool {
     };
     host.len() <= 253 && host.split('.').all(label_ok)
 }
+
+#[cfg(test)]
+mod tests {
+    use proxy::identify::identify;
+    use rustls::pki_types::{ServerName, UnixTime};
+    use rustls::{CertificateError, Error as TlsError};
+    use x509_parser::prelude::{FromDer, X509Certificate};
+
+    use super::*;
+    use crate::pki::testing::{client_verifier, server_verifier};
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn ca(name: &str) -> Ca {
+        Ca::generate(name, 24 * HOUR).unwrap()
+    }
+
+    fn pool(name: &str) -> PoolId {
+        name.parse().unwrap()
+    }
+
+    fn who(name: &str) -> ClientIdentity {
+        ClientIdentity::new(name).unwrap()
+    }
+
+    fn verify_client(ca: &Ca, cert: &IssuedCert) -> Result<(), TlsError> {
+        let verifier = client_verifier(ca);
+        verifier
+            .verify_client_cert(cert.cert_der(), &[], UnixTime::now())
+            .map(drop)
+    }
+
+    #[test]
+    fn a_client_cert_opens_its_pools_ca_and_no_other() {
+        let (ca_a, ca_b) = (ca("a"), ca("b"));
+        let cert = ca_a.issue_client(&pool("a"), &who("alice"), HOUR).unwrap();
+        verify_client(&ca_a, &cert).unwrap();
+        assert!(matches!(
+            verify_client(&ca_b, &cert),
+            Err(TlsError::InvalidCertificate(
+                CertificateError::UnknownIssuer
+            ))
+        ));
+    }
+
+    #[test]
+    fn identify_gives_back_pool_and_full_identity_while_cn_is_truncated() {
+        let long = format!("repo:org/app:ref:refs/heads/{}", "x".repeat(80));
+        let cert = ca("a")
+            .issue_client(&pool("ci/a"), &who(&long), HOUR)
+            .unwrap();
+        let peer = identify(cert.cert_der()).unwrap();
+        assert_eq!((peer.pool, peer.identity), (pool("ci/a"), who(&long)));
+        let (_, parsed) = X509Certificate::from_der(cert.cert_der()).unwrap();
+        let cn = parsed
+            .subject()
+            .iter_common_name()
+            .next()
+            .unwrap()
+            .as_str()
+            .unwrap();
+        assert_eq!(cn, &long[..64]);
+    }
+
+    #[test]
+    fn client_certs_are_client_auth_only_leaf_certs_with_backdated_not_before() {
+        let cert = ca("a")
+            .issue_client(&pool("a"), &who("alice"), HOUR)
+            .unwrap();
+        let (_, parsed) = X509Certificate::from_der(cert.cert_der()).unwrap();
+        let eku = parsed.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.client_auth && !eku.server_auth && !eku.any);
+        let ku = parsed.key_usage().unwrap().unwrap().value;
+        assert!(ku.digital_signature() && !ku.key_cert_sign());
+        assert!(!parsed.is_ca());
+        let not_before = parsed.validity().not_before.timestamp();
+        let now = UnixTime::now().as_secs() as i64;
+        assert!(
+            (now - 6 * 60..=now - 4 * 60).contains(&not_before),
+            "{not_before} vs {now}"
+        );
+        let lifetime = parsed.validity().not_after.timestamp() - not_before;
+        assert_eq!(lifetime, 3600 + 300);
+    }
+
+    #[test]
+    fn serials_are_random_positive_and_128_bits() {
+        let ca = ca("a");
+        let one = ca.issue_client(&pool("a"), &who("alice"), HOUR).unwrap();
+        let two = ca.issue_client(&pool("a"), &who("alice"), HOUR).unwrap();
+        assert_ne!(one.serial, two.serial);
+        let (_, parsed) = X509Certificate::from_der(one.cert_der()).unwrap();
+        let raw = parsed.raw_serial();
+        assert!(raw[0] < 0x80, "negative serial {raw:02x?}");
+        assert_eq!(
+            parsed.serial.to_bytes_be(),
+            one.serial
+                .0
+                .iter()
+                .copied()
+                .skip_while(|b| *b == 0)
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(one.serial.to_string().len(), 32);
+    }
+
+    #[test]
+    fn leaves_never_outlive_their_ca() {
+        let ca = ca("a");
+        let cert = ca
+            .issue_client(&pool("a"), &who("alice"), 1000 * HOUR)
+            .unwrap();
+        assert_eq!(cert.not_after, ca.not_after());
+    }
+
+    #[test]
+    fn expired_and_not_yet_valid_certs_are_refused() {
+        let ca = ca("a");
+        let issue = |o: IssueOptions| {
+            ca.issue_client_with(&pool("a"), &who("alice"), HOUR, &o)
+                .unwrap()
+        };
+        let expired = verify_client(&ca, &issue(IssueOptions::new().expired()));
+        assert!(
+            matches!(
+                expired,
+                Err(TlsError::InvalidCertificate(
+                    CertificateError::ExpiredContext { .. }
+                ))
+            ),
+            "{expired:?}"
+        );
+        let early = verify_client(&ca, &issue(IssueOptions::new().not_yet_valid()));
+        assert!(
+            matches!(
+                early,
+                Err(TlsError::InvalidCertificate(
+                    CertificateError::NotValidYetContext { .. }
+                ))
+            ),
+            "{early:?}"
+        );
+    }
+
+    #[test]
+    fn a_cert_without_client_auth_is_refused_as_a_client() {
+        let ca = ca("a");
+        let options = IssueOptions::new().ekus(&[Eku::ServerAuth]);
+        let cert = ca
+            .issue_client_with(&pool("a"), &who("alice"), HOUR, &options)
+            .unwrap();
+        let result = verify_client(&ca, &cert);
+        assert!(
+            matches!(
+                result,
+                Err(TlsError::InvalidCertificate(
+                    CertificateError::InvalidPurposeContext { .. }
+                ))
+            ),
+            "{result:?}"
+        );
+    }
+
+    #[test]
+    fn server_certs_name_ips_as_ip_addresses_and_verify_for_those_names_only() {
+        let ca = ca("gateway");
+        let names: Vec<String> = ["127.0.0.1", "::1", "localhost", "gw.example"]
+            .map(String::from)
+            .to_vec();
+        let cert = ca.issue_server(&names, HOUR).unwrap();
+        let (_, parsed) = X509Certificate::from_der(cert.cert_der()).unwrap();
+        let sans = &parsed
+            .subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names;
+        use x509_parser::extensions::GeneralName::{DNSName, IPAddress};
+        assert!(matches!(sans[0], IPAddress(ip) if ip == [127, 0, 0, 1]));
+        assert!(matches!(sans[1], IPAddress(ip) if ip.len() == 16));
+        assert!(matches!(sans[2], DNSName("localhost")));
+        let eku = parsed.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && !eku.client_auth);
+        let verifier = server_verifier(&ca);
+        let verify = |name: &str| {
+            let name = ServerName::try_from(name.to_owned()).unwrap();
+            verifier.verify_server_cert(cert.cert_der(), &[], &name, &[], UnixTime::now())
+        };
+        use rustls::client::danger::ServerCertVerifier;
+        for good in ["127.0.0.1", "::1", "localhost", "gw.example"] {
+            verify(good).unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
+        assert!(verify("other.example").is_err());
+        assert!(verify("10.0.0.1").is_err());
+    }
+
+    #[test]
+    fn bad_server_names_are_refused() {
+        let ca = ca("gateway");
+        for bad in ["", "-x.example", "a..b", "a b", "bkpool://x", "é.example"] {
+            let err = ca.issue_server(&[bad.to_owned()], HOUR).unwrap_err();
+            assert!(
+                matches!(err, PkiError::BadServerName(ref n) if n == bad),
+                "{bad:?}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_chain_is_the_leaf_then_its_ca() {
+        let ca = ca("a");
+        let cert = ca.issue_client(&pool("a"), &who("alice"), HOUR).unwrap();
+        assert_eq!(
+            cert.chain_pem(),
+            format!("{}{}", cert.cert_pem, ca.cert_pem())
+        );
+        assert!(
+            cert.key_pem
+                .as_deref()
+                .unwrap()
+                .contains("BEGIN PRIVATE KEY")
+        );
+        assert!(!format!("{cert:?}").contains("PRIVATE"));
+    }
+}
