@@ -1,6 +1,37 @@
-//! bkpool data plane.
+//! bkpool data plane: one listener serving many pools, each connection taken through
+//! admit → handshake → authorize → route → connect → relay (see [`connection`]).
 //!
+//! - [`config`]: the gateway's TOML configuration, validated with field paths.
 //! - [`names`]: pool, identity and backend newtypes.
+//! - [`gateway`]: shared state, the accept loop, back-off and graceful drain.
+//! - [`connection`]: one connection's life, top to bottom.
+//! - [`admit`]: connection and handshake limits as RAII permits.
+//! - [`handshake`]: TLS termination, or SNI routing for passthrough.
+//! - [`clienthello`]: reads a ClientHello's SNI without terminating TLS.
+//! - [`tls`]: certificate loading, SNI certificate choice, per-pool client verification.
 //! - [`identify`]: pool and caller from a client certificate's URI SAN.
+//! - [`credentials`]: hot reload of certificates and CA bundles from files.
+//! - [`route`]: the route table and where backends come from.
+//! - [`connect`]: backend dial with fallback, optional backend mTLS.
+//! - [`relay`]: moving bytes: splice(2) for plaintext pairs, pooled-buffer copy otherwise.
+//! - [`activity`]: lock-free per-pool activity for the control loop.
+//! - [`metrics`]: Prometheus metrics.
+//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/activity`.
+//! - [`server`]: starts a whole gateway from a configuration (credentials first, then bind).
+pub mod activity;
+pub mod admin;
+pub mod admit;
+pub mod clienthello;
+pub mod config;
+pub mod connect;
+pub mod connection;
+pub mod credentials;
+pub mod gateway;
+pub mod handshake;
 pub mod identify;
+pub mod metrics;
 pub mod names;
+pub mod relay;
+pub mod route;
+pub mod server;
+pub mod tls;

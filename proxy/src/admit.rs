@@ -1,0 +1,275 @@
+//! Admission: connection slots (global, per pool, per identity) and the handshake cap, as RAII
+//! permits. A permit is moved into the connection task and released when it drops; nothing
+//! is ever decremented by hand.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use dashmap::DashMap;
+
+use crate::names::{ClientIdentity, PoolId};
+
+/// Why a connection was refused at admission. Each is a fixed metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("the gateway's connection limit is reached")]
+    GlobalLimit,
+    #[error("too many TLS handshakes in flight")]
+    HandshakeLimit,
+    #[error("the pool's connection limit is reached")]
+    PoolLimit,
+    #[error("this identity's connection limit for the pool is reached")]
+    IdentityLimit,
+}
+
+impl Refused {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::GlobalLimit => "global_limit",
+            Self::HandshakeLimit => "handshake_limit",
+            Self::PoolLimit => "pool_limit",
+            Self::IdentityLimit => "identity_limit",
+        }
+    }
+}
+
+/// A counter with a ceiling, shared by the permits taken from it.
+#[derive(Debug)]
+pub struct Slots {
+    used: AtomicUsize,
+    max: AtomicUsize,
+}
+
+/// One slot of a [`Slots`]; released on drop.
+#[derive(Debug)]
+pub struct Permit(Arc<Slots>);
+
+impl Slots {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            used: AtomicUsize::new(0),
+            max: AtomicUsize::new(max),
+        })
+    }
+
+    /// Takes a slot if one is free.
+    pub fn try_take(self: &Arc<Self>) -> Option<Permit> {
+        let max = self.max.load(Ordering::Relaxed);
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |used| {
+                (used < max).then_some(used + 1)
+            })
+            .ok()
+            .map(|_| Permit(self.clone()))
+    }
+
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    pub fn max(&self) -> usize {
+        self.max.load(Ordering::Relaxed)
+    }
+
+    /// Changes the ceiling; permits already out stay valid.
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.0.used.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The gateway's admission state.
+#[derive(Debug)]
+pub struct Admission {
+    connections: Arc<Slots>,
+    handshakes: Arc<Slots>,
+    pools: DashMap<PoolId, Arc<Slots>>,
+    identities: DashMap<(PoolId, ClientIdentity), Arc<Slots>>,
+}
+
+/// What an admitted, authenticated connection holds until it closes.
+#[derive(Debug)]
+pub struct PoolPermit {
+    _pool: Option<Permit>,
+    _identity: Option<IdentityPermit>,
+}
+
+/// An identity's slot; the identity's entry is removed when its last connection closes, so
+/// the map does not grow with every caller ever seen.
+#[derive(Debug)]
+struct IdentityPermit {
+    permit: Option<Permit>,
+    key: (PoolId, ClientIdentity),
+    admission: Arc<Admission>,
+}
+
+impl Drop for IdentityPermit {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        self.admission
+            .identities
+            .remove_if(&self.key, |_, slots| slots.used() == 0);
+    }
+}
+
+impl Admission {
+    pub fn new(max_connections: usize, max_handshakes: usize) -> Arc<Self> {
+        Arc::new(Self {
+            connections: Slots::new(max_connections),
+            handshakes: Slots::new(max_handshakes),
+            pools: DashMap::new(),
+            identities: DashMap::new(),
+        })
+    }
+
+    pub fn connection(&self) -> Result<Permit, Refused> {
+        self.connections.try_take().ok_or(Refused::GlobalLimit)
+    }
+
+    pub fn handshake(&self) -> Result<Permit, Refused> {
+        self.handshakes.try_take().ok_or(Refused::HandshakeLimit)
+    }
+
+    pub fn handshakes_in_flight(&self) -> usize {
+        self.handshakes.used()
+    }
+
+    pub fn connections(&self) -> &Slots {
+        &self.connections
+    }
+
+    /// Admits an authenticated connection to `pool` under the pool's and the identity's limits.
+    pub fn enter(
+        self: &Arc<Self>,
+        pool: &PoolId,
+        identity: Option<&ClientIdentity>,
+        pool_max: Option<usize>,
+        identity_max: Option<usize>,
+    ) -> Result<PoolPermit, Refused> {
+        let pool_permit = match pool_max {
+            Some(max) => {
+                let slots = self
+                    .pools
+                    .entry(pool.clone())
+                    .or_insert_with(|| Slots::new(max))
+                    .clone();
+                slots.set_max(max);
+                Some(slots.try_take().ok_or(Refused::PoolLimit)?)
+            }
+            None => None,
+        };
+        let identity_permit = match (identity, identity_max) {
+            (Some(identity), Some(max)) => {
+                let key = (pool.clone(), identity.clone());
+                let slots = self
+                    .identities
+                    .entry(key.clone())
+                    .or_insert_with(|| Slots::new(max))
+                    .clone();
+                slots.set_max(max);
+                let permit = slots.try_take().ok_or(Refused::IdentityLimit)?;
+                Some(IdentityPermit {
+                    permit: Some(permit),
+                    key,
+                    admission: self.clone(),
+                })
+            }
+            _ => None,
+        };
+        Ok(PoolPermit {
+            _pool: pool_permit,
+            _identity: identity_permit,
+        })
+    }
+
+    /// Forgets the pool limits of pools that left the configuration.
+    pub fn retain_pools(&self, keep: impl Fn(&PoolId) -> bool) {
+        self.pools.retain(|id, _| keep(id));
+    }
+
+    pub fn tracked_identities(&self) -> usize {
+        self.identities.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_refuse_at_the_limit_and_come_back_on_drop() {
+        let slots = Slots::new(2);
+        let a = slots.try_take().unwrap();
+        let _b = slots.try_take().unwrap();
+        assert!(slots.try_take().is_none());
+        drop(a);
+        assert!(slots.try_take().is_some());
+    }
+
+    #[test]
+    fn pool_and_identity_limits_apply_separately() {
+        let admission = Admission::new(100, 10);
+        let pool: PoolId = "a".parse().unwrap();
+        let alice = ClientIdentity::new("alice").unwrap();
+        let bob = ClientIdentity::new("bob").unwrap();
+        let p1 = admission
+            .enter(&pool, Some(&alice), Some(3), Some(1))
+            .unwrap();
+        assert_eq!(
+            admission
+                .enter(&pool, Some(&alice), Some(3), Some(1))
+                .unwrap_err(),
+            Refused::IdentityLimit
+        );
+        let p2 = admission
+            .enter(&pool, Some(&bob), Some(3), Some(1))
+            .unwrap();
+        let carol = ClientIdentity::new("carol").unwrap();
+        let p3 = admission
+            .enter(&pool, Some(&carol), Some(3), Some(1))
+            .unwrap();
+        let dave = ClientIdentity::new("dave").unwrap();
+        assert_eq!(
+            admission
+                .enter(&pool, Some(&dave), Some(3), Some(1))
+                .unwrap_err(),
+            Refused::PoolLimit
+        );
+        drop((p1, p2, p3));
+        assert_eq!(
+            admission.tracked_identities(),
+            0,
+            "identities are forgotten when idle"
+        );
+        assert!(
+            admission
+                .enter(&pool, Some(&dave), Some(3), Some(1))
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_refused_identity_does_not_hold_the_pool_slot() {
+        let admission = Admission::new(100, 10);
+        let pool: PoolId = "a".parse().unwrap();
+        let alice = ClientIdentity::new("alice").unwrap();
+        let _held = admission
+            .enter(&pool, Some(&alice), Some(2), Some(1))
+            .unwrap();
+        assert!(
+            admission
+                .enter(&pool, Some(&alice), Some(2), Some(1))
+                .is_err()
+        );
+        let bob = ClientIdentity::new("bob").unwrap();
+        assert!(
+            admission.enter(&pool, Some(&bob), Some(2), Some(1)).is_ok(),
+            "the refused attempt released its pool slot"
+        );
+    }
+}

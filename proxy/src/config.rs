@@ -1,0 +1,663 @@
+//! Gateway configuration: TOML parsed into a raw shape, then converted into typed values with
+//! every fault collected and reported with its field path, so the process refuses to start —
+//! before binding anything — with the whole list in hand.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::names::{BackendAddr, DEFAULT_NAMESPACE, PoolId};
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:1235";
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:9235";
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+pub const DEFAULT_MAX_HANDSHAKES: usize = 1_024;
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// A BuildKit `RUN` step can keep a session silent for a long time.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(2 * 60 * 60);
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A validated gateway configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatewayConfig {
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub limits: Limits,
+    pub timeouts: Timeouts,
+    /// Server certificates; the first is the default for clients that send no (or an unknown) SNI.
+    pub server_certs: Vec<CertFiles>,
+    pub pools: Vec<PoolConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections open at once, all pools together (capped later by the fd limit).
+    pub max_connections: usize,
+    /// TLS handshakes (or ClientHello reads) in flight at once.
+    pub max_handshakes: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub handshake: Duration,
+    pub connect: Duration,
+    pub idle: Duration,
+    pub drain: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// The gateway is the TLS server and verifies the client certificate.
+    Terminate,
+    /// The gateway routes by SNI and splices raw bytes; the backend terminates TLS.
+    Passthrough,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolConfig {
+    pub id: PoolId,
+    pub mode: Mode,
+    /// Terminate mode: the only CA whose client certificates reach this pool.
+    pub client_ca: Option<PathBuf>,
+    pub backends: Vec<BackendAddr>,
+    /// SNI host names (lowercase). Routing key in passthrough mode.
+    pub hostnames: Vec<String>,
+    pub max_connections: Option<usize>,
+    pub max_connections_per_identity: Option<usize>,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// mTLS towards the backend (terminate mode only); plaintext when absent.
+    pub backend_tls: Option<BackendTls>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Name to verify the backend certificate against (defaults to the backend's IP).
+    pub server_name: Option<String>,
+}
+
+/// Every fault found in a configuration, each with its field path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<Fault>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fault {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid configuration ({} problem(s)):", self.0.len())?;
+        for fault in &self.0 {
+            writeln!(f, "  {}: {}", fault.path, fault.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl GatewayConfig {
+    /// Reads and validates a configuration file; relative paths are taken from its directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![Fault {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            }])
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, base)
+    }
+
+    /// Parses and validates TOML text; relative paths are resolved against `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Self, ConfigErrors> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let message = e.message().to_string();
+            let at = e
+                .span()
+                .map(|s| line_of(text, s.start))
+                .map_or(String::new(), |l| format!("line {l}"));
+            ConfigErrors(vec![Fault {
+                path: if at.is_empty() { "(toml)".into() } else { at },
+                message,
+            }])
+        })?;
+        let mut v = Validator {
+            faults: Vec::new(),
+            base,
+        };
+        let config = v.config(raw);
+        if v.faults.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(v.faults))
+        }
+    }
+
+    pub fn pool(&self, id: &PoolId) -> Option<&PoolConfig> {
+        self.pools.iter().find(|p| &p.id == id)
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
+        }
+    }
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            handshake: DEFAULT_HANDSHAKE_TIMEOUT,
+            connect: DEFAULT_CONNECT_TIMEOUT,
+            idle: DEFAULT_IDLE_TIMEOUT,
+            drain: DEFAULT_DRAIN_TIMEOUT,
+        }
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+// ---- the raw shape, as written ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<String>,
+    admin: Option<String>,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    timeouts: RawTimeouts,
+    #[serde(default)]
+    server_cert: Vec<RawCertFiles>,
+    #[serde(default)]
+    pool: Vec<RawPool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_connections: Option<i64>,
+    max_handshakes: Option<i64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    handshake: Option<String>,
+    connect: Option<String>,
+    idle: Option<String>,
+    drain: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCertFiles {
+    cert: String,
+    key: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    name: String,
+    namespace: Option<String>,
+    mode: Option<Mode>,
+    client_ca: Option<String>,
+    #[serde(default)]
+    backends: Vec<String>,
+    #[serde(default)]
+    hostnames: Vec<String>,
+    #[serde(default)]
+    limits: RawPoolLimits,
+    #[serde(default)]
+    timeouts: RawPoolTimeouts,
+    backend_tls: Option<RawBackendTls>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPoolLimits {
+    max_connections: Option<i64>,
+    max_connections_per_identity: Option<i64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPoolTimeouts {
+    connect: Option<String>,
+    idle: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackendTls {
+    ca: String,
+    cert: String,
+    key: String,
+    server_name: Option<String>,
+}
+
+// ---- raw → typed, collecting faults ----
+
+struct Validator<'a> {
+    faults: Vec<Fault>,
+    base: &'a Path,
+}
+
+impl Validator<'_> {
+    fn fault(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.faults.push(Fault {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    fn config(&mut self, raw: RawConfig) -> GatewayConfig {
+        let listen = self.addr("listen", raw.listen.as_deref().unwrap_or(DEFAULT_LISTEN));
+        let admin = self.addr("admin", raw.admin.as_deref().unwrap_or(DEFAULT_ADMIN));
+        if listen == admin {
+            self.fault("admin", format!("same address as listen ({listen})"));
+        }
+        let limits = Limits {
+            max_connections: self.count(
+                "limits.max_connections",
+                raw.limits.max_connections,
+                DEFAULT_MAX_CONNECTIONS,
+            ),
+            max_handshakes: self.count(
+                "limits.max_handshakes",
+                raw.limits.max_handshakes,
+                DEFAULT_MAX_HANDSHAKES,
+            ),
+        };
+        let t = &raw.timeouts;
+        let timeouts = Timeouts {
+            handshake: self.duration(
+                "timeouts.handshake",
+                t.handshake.as_deref(),
+                DEFAULT_HANDSHAKE_TIMEOUT,
+            ),
+            connect: self.duration(
+                "timeouts.connect",
+                t.connect.as_deref(),
+                DEFAULT_CONNECT_TIMEOUT,
+            ),
+            idle: self.duration("timeouts.idle", t.idle.as_deref(), DEFAULT_IDLE_TIMEOUT),
+            drain: self.duration("timeouts.drain", t.drain.as_deref(), DEFAULT_DRAIN_TIMEOUT),
+        };
+        let server_certs = raw
+            .server_cert
+            .iter()
+            .enumerate()
+            .map(|(i, c)| CertFiles {
+                cert: self.file(&format!("server_cert[{i}].cert"), &c.cert),
+                key: self.file(&format!("server_cert[{i}].key"), &c.key),
+            })
+            .collect();
+        let pools: Vec<PoolConfig> = raw
+            .pool
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| self.pool(i, p, &limits, &timeouts))
+            .collect();
+        let config = GatewayConfig {
+            listen,
+            admin,
+            limits,
+            timeouts,
+            server_certs,
+            pools,
+        };
+        self.cross_checks(&config);
+        config
+    }
+
+    fn pool(&mut self, i: usize, raw: RawPool, limits: &Limits, timeouts: &Timeouts) -> PoolConfig {
+        let at = |field: &str| format!("pool[{i}].{field}");
+        let namespace = raw.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE);
+        let id = PoolId::new(namespace, &raw.name).unwrap_or_else(|e| {
+            self.fault(at("name"), e.to_string());
+            PoolId::new(DEFAULT_NAMESPACE, "invalid").expect("valid placeholder")
+        });
+        let mode = raw.mode.unwrap_or(Mode::Terminate);
+        let client_ca = raw
+            .client_ca
+            .as_deref()
+            .map(|p| self.file(&at("client_ca"), p));
+        match (mode, &client_ca) {
+            (Mode::Terminate, None) => self.fault(at("client_ca"), "required in terminate mode"),
+            (Mode::Passthrough, Some(_)) => self.fault(
+                at("client_ca"),
+                "not used in passthrough mode (the backend verifies clients)",
+            ),
+            _ => {}
+        }
+        let backends = raw
+            .backends
+            .iter()
+            .enumerate()
+            .filter_map(|(j, b)| match b.parse::<SocketAddr>() {
+                Ok(addr) => Some(BackendAddr(addr)),
+                Err(_) => {
+                    self.fault(
+                        at(&format!("backends[{j}]")),
+                        format!("{b:?} is not host:port with an IP address"),
+                    );
+                    None
+                }
+            })
+            .collect();
+        let mut hostnames = Vec::new();
+        for (j, h) in raw.hostnames.iter().enumerate() {
+            match normalize_hostname(h) {
+                Some(h) => hostnames.push(h),
+                None => self.fault(
+                    at(&format!("hostnames[{j}]")),
+                    format!("{h:?} is not a DNS host name"),
+                ),
+            }
+        }
+        if mode == Mode::Passthrough && hostnames.is_empty() {
+            self.fault(
+                at("hostnames"),
+                "passthrough mode routes by SNI: name at least one host name",
+            );
+        }
+        let max_connections =
+            self.optional_count(&at("limits.max_connections"), raw.limits.max_connections);
+        let per_identity = self.optional_count(
+            &at("limits.max_connections_per_identity"),
+            raw.limits.max_connections_per_identity,
+        );
+        if let Some(m) = max_connections
+            && m > limits.max_connections
+        {
+            self.fault(
+                at("limits.max_connections"),
+                format!("{m} exceeds the global limit {}", limits.max_connections),
+            );
+        }
+        if let (Some(p), Some(m)) = (per_identity, max_connections)
+            && p > m
+        {
+            self.fault(
+                at("limits.max_connections_per_identity"),
+                format!("{p} exceeds the pool's limit {m}"),
+            );
+        }
+        let backend_tls = raw.backend_tls.map(|b| BackendTls {
+            ca: self.file(&at("backend_tls.ca"), &b.ca),
+            cert: self.file(&at("backend_tls.cert"), &b.cert),
+            key: self.file(&at("backend_tls.key"), &b.key),
+            server_name: b.server_name,
+        });
+        if mode == Mode::Passthrough && backend_tls.is_some() {
+            self.fault(
+                at("backend_tls"),
+                "not used in passthrough mode (bytes are relayed untouched)",
+            );
+        }
+        PoolConfig {
+            id,
+            mode,
+            client_ca,
+            backends,
+            hostnames,
+            max_connections,
+            max_connections_per_identity: per_identity,
+            connect_timeout: self.duration(
+                &at("timeouts.connect"),
+                raw.timeouts.connect.as_deref(),
+                timeouts.connect,
+            ),
+            idle_timeout: self.duration(
+                &at("timeouts.idle"),
+                raw.timeouts.idle.as_deref(),
+                timeouts.idle,
+            ),
+            backend_tls,
+        }
+    }
+
+    fn cross_checks(&mut self, config: &GatewayConfig) {
+        let mut ids = HashSet::new();
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        for (i, pool) in config.pools.iter().enumerate() {
+            if !ids.insert(&pool.id) {
+                self.fault(
+                    format!("pool[{i}].name"),
+                    format!("pool {} is defined twice", pool.id),
+                );
+            }
+            for h in &pool.hostnames {
+                if let Some(j) = names.insert(h, i)
+                    && j != i
+                {
+                    self.fault(
+                        format!("pool[{i}].hostnames"),
+                        format!("{h} is already routed to pool[{j}]"),
+                    );
+                }
+            }
+        }
+        let terminates = config.pools.iter().any(|p| p.mode == Mode::Terminate);
+        if terminates && config.server_certs.is_empty() {
+            self.fault(
+                "server_cert",
+                "terminate mode needs at least one [[server_cert]]",
+            );
+        }
+    }
+
+    fn addr(&mut self, path: &str, value: &str) -> SocketAddr {
+        value.parse().unwrap_or_else(|_| {
+            self.fault(path, format!("{value:?} is not an IP address and port"));
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        })
+    }
+
+    fn count(&mut self, path: &str, value: Option<i64>, default: usize) -> usize {
+        self.optional_count(path, value).unwrap_or(default)
+    }
+
+    fn optional_count(&mut self, path: &str, value: Option<i64>) -> Option<usize> {
+        match value {
+            Some(n) if n >= 1 && n <= 1_000_000 => Some(n as usize),
+            Some(n) => {
+                self.fault(path, format!("{n} is out of range (1 to 1000000)"));
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn duration(&mut self, path: &str, value: Option<&str>, default: Duration) -> Duration {
+        let Some(text) = value else { return default };
+        match humantime::parse_duration(text) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                self.fault(path, "must be longer than zero");
+                default
+            }
+            Err(e) => {
+                self.fault(
+                    path,
+                    format!("{text:?} is not a duration like \"10s\" or \"2h\": {e}"),
+                );
+                default
+            }
+        }
+    }
+
+    fn file(&mut self, path: &str, value: &str) -> PathBuf {
+        if value.is_empty() {
+            self.fault(path, "empty path");
+        }
+        self.base.join(value)
+    }
+}
+
+/// Lowercases a DNS host name and strips one trailing dot; `None` if it is not one.
+pub fn normalize_hostname(name: &str) -> Option<String> {
+    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+    };
+    let ok = !name.is_empty() && name.len() <= 253 && name.split('.').all(label_ok);
+    ok.then_some(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<GatewayConfig, ConfigErrors> {
+        GatewayConfig::parse(text, Path::new("/etc/bkpool"))
+    }
+
+    const GOOD: &str = r#"
+        [[server_cert]]
+        cert = "server.pem"
+        key = "server.key"
+
+        [[pool]]
+        name = "default"
+        client_ca = "ca.pem"
+        backends = ["127.0.0.1:1234", "[::1]:1234"]
+
+        [[pool]]
+        name = "raw"
+        namespace = "ci"
+        mode = "passthrough"
+        backends = ["127.0.0.1:2345"]
+        hostnames = ["Raw.Example."]
+        [pool.limits]
+        max_connections = 5
+        max_connections_per_identity = 2
+        [pool.timeouts]
+        idle = "5m"
+    "#;
+
+    #[test]
+    fn defaults_and_paths() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.admin.to_string(), DEFAULT_ADMIN);
+        assert_eq!(c.limits, Limits::default());
+        assert_eq!(c.timeouts, Timeouts::default());
+        assert_eq!(c.server_certs[0].cert, Path::new("/etc/bkpool/server.pem"));
+        let raw = c.pool(&"ci/raw".parse().unwrap()).unwrap();
+        assert_eq!(raw.mode, Mode::Passthrough);
+        assert_eq!(raw.hostnames, ["raw.example"]);
+        assert_eq!(raw.idle_timeout, Duration::from_secs(300));
+        assert_eq!(raw.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+        assert_eq!(raw.max_connections, Some(5));
+        let def = c.pool(&"local/default".parse().unwrap()).unwrap();
+        assert_eq!(def.mode, Mode::Terminate);
+        assert_eq!(def.backends.len(), 2);
+    }
+
+    #[test]
+    fn every_fault_is_reported_with_its_path() {
+        let text = r#"
+            listen = "nowhere"
+            [limits]
+            max_connections = 0
+            [timeouts]
+            idle = "forever"
+            [[pool]]
+            name = "Bad_Name"
+            backends = ["localhost:80"]
+            [[pool]]
+            name = "p"
+            mode = "passthrough"
+            client_ca = "x.pem"
+            [pool.limits]
+            max_connections = 10
+            max_connections_per_identity = 20
+        "#;
+        let errors = parse(text).unwrap_err();
+        let paths: Vec<&str> = errors.0.iter().map(|f| f.path.as_str()).collect();
+        for expected in [
+            "listen",
+            "limits.max_connections",
+            "timeouts.idle",
+            "pool[0].name",
+            "pool[0].client_ca",
+            "pool[0].backends[0]",
+            "pool[1].client_ca",
+            "pool[1].hostnames",
+            "pool[1].limits.max_connections_per_identity",
+            "server_cert",
+        ] {
+            assert!(paths.contains(&expected), "missing {expected} in {errors}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_enums_are_refused() {
+        let e = parse("[[pool]]\nname = \"a\"\nmode = \"tunnel\"\n").unwrap_err();
+        assert!(e.to_string().contains("line 3"), "{e}");
+        let e = parse("listne = \"127.0.0.1:1\"\n").unwrap_err();
+        assert!(e.to_string().contains("listne"), "{e}");
+    }
+
+    #[test]
+    fn duplicates_are_refused() {
+        let text = r#"
+            [[server_cert]]
+            cert = "s"
+            key = "k"
+            [[pool]]
+            name = "a"
+            mode = "passthrough"
+            hostnames = ["x.example"]
+            [[pool]]
+            name = "a"
+            mode = "passthrough"
+            hostnames = ["x.example"]
+        "#;
+        let e = parse(text).unwrap_err().to_string();
+        assert!(
+            e.contains("defined twice") && e.contains("already routed"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn hostnames_are_normalized() {
+        assert_eq!(normalize_hostname("A.b.").as_deref(), Some("a.b"));
+        assert_eq!(normalize_hostname("a..b"), None);
+        assert_eq!(normalize_hostname("-a"), None);
+        assert_eq!(normalize_hostname("a b"), None);
+    }
+}

@@ -1,0 +1,177 @@
+//! One connection's life, top to bottom:
+//! admit → handshake → authorize → route → connect → relay.
+//!
+//! Every refusal is counted with a fixed reason; every slot is an RAII permit held by this
+//! function's frame, so an early return releases everything.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::admit::Permit;
+use crate::config::Mode;
+use crate::connect::{self, Connected};
+use crate::gateway::Gateway;
+use crate::handshake::{self, Accepted};
+use crate::names::ClientIdentity;
+use crate::relay::{self, Outcome};
+use crate::route::PoolRoute;
+
+/// Serves one accepted connection. `_slot` is its place under the global limit.
+pub async fn handle(gateway: &Arc<Gateway>, tcp: TcpStream, peer: SocketAddr, _slot: Permit) {
+    if let Err(e) = relay::tune(&tcp) {
+        tracing::debug!(error = %e, "socket options not set");
+    }
+    let Ok(handshake_permit) = gateway.admission.handshake() else {
+        gateway
+            .metrics
+            .rejected(None, crate::admit::Refused::HandshakeLimit.reason());
+        return;
+    };
+    let routes = gateway.routes.load_full();
+    let started = Instant::now();
+    let accepted = tokio::time::timeout(
+        gateway.settings.handshake_timeout,
+        handshake::accept(tcp, &routes, gateway.tls.load_full()),
+    )
+    .await;
+    drop(handshake_permit);
+    let accepted = match accepted {
+        Ok(Ok(accepted)) => accepted,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "handshake failed");
+            return gateway.metrics.rejected(None, e.reason());
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "handshake timed out");
+            return gateway.metrics.rejected(None, "handshake_timeout");
+        }
+    };
+    gateway.metrics.handshake(started.elapsed());
+
+    match accepted {
+        Accepted::Terminated { stream, peer: who } => {
+            let Some(route) = routes
+                .pool(&who.pool)
+                .filter(|r| r.mode == Mode::Terminate)
+                .cloned()
+            else {
+                // The verifier only accepts pools it has a CA for; a route swap in between can
+                // still leave the pool without a route.
+                return gateway.metrics.rejected(None, "no_route");
+            };
+            let pool = route.clone();
+            serve(
+                gateway,
+                &route,
+                Some(&who.identity),
+                peer,
+                |backend| async move {
+                    let settings = settings(&pool);
+                    let Some(tls) = &pool.backend_tls else {
+                        return Ok(
+                            relay::copy(*stream, backend.tcp, &settings, &backend.tally).await
+                        );
+                    };
+                    match connect::secure(backend.tcp, backend.addr, tls, pool.connect_timeout)
+                        .await
+                    {
+                        Ok(secured) => {
+                            Ok(relay::copy(*stream, secured, &settings, &backend.tally).await)
+                        }
+                        Err(e) => {
+                            tracing::warn!(pool = %pool.id, error = %e, "backend TLS failed");
+                            Err(e.reason())
+                        }
+                    }
+                },
+            )
+            .await
+        }
+        Accepted::Passthrough { tcp, route, hello } => {
+            let pool = route.clone();
+            serve(gateway, &route, None, peer, |mut backend| async move {
+                if let Err(e) = backend.tcp.write_all(&hello).await {
+                    tracing::debug!(pool = %pool.id, error = %e, "backend closed before the ClientHello was replayed");
+                    return Err("backend_closed");
+                }
+                drop(hello);
+                Ok(relay::splice(tcp, backend.tcp, &settings(&pool), &backend.tally).await)
+            })
+            .await
+        }
+    }
+}
+
+/// A connected backend, handed to the relay closure with the tally of its pool.
+pub struct Backend<'a> {
+    pub tcp: TcpStream,
+    pub addr: crate::names::BackendAddr,
+    pub tally: crate::activity::ConnectionTally<'a>,
+}
+
+/// The authenticated part: pool limits, backend choice (possibly waiting for a wake),
+/// connect, then the relay given by `relay_with` (which returns a refusal reason when the
+/// backend leg cannot be set up).
+async fn serve<'g, F, Fut>(
+    gateway: &'g Arc<Gateway>,
+    route: &Arc<PoolRoute>,
+    identity: Option<&ClientIdentity>,
+    peer: SocketAddr,
+    relay_with: F,
+) where
+    F: FnOnce(Backend<'g>) -> Fut,
+    Fut: Future<Output = Result<Outcome, &'static str>>,
+{
+    let pool = &route.id;
+    let activity = gateway.activity.pool(pool);
+    let refuse = |reason: &'static str| {
+        activity.rejected();
+        gateway.metrics.rejected(Some(pool.as_str()), reason);
+    };
+    let _permit = match gateway.admission.enter(
+        pool,
+        identity,
+        route.max_connections,
+        route.max_connections_per_identity,
+    ) {
+        Ok(permit) => permit,
+        Err(refused) => return refuse(refused.reason()),
+    };
+    let candidates = match route.upstream.candidates(&activity).await {
+        Ok(candidates) => candidates,
+        Err(e) => {
+            tracing::info!(%pool, %peer, error = %e, "no backend for connection");
+            return refuse(e.reason());
+        }
+    };
+    let Connected {
+        tcp,
+        addr,
+        load: _load,
+    } = match connect::dial(&candidates, route.connect_timeout).await {
+        Ok(connected) => connected,
+        Err(e) => {
+            tracing::warn!(%pool, %peer, error = %e, "backend unreachable");
+            return refuse(e.reason());
+        }
+    };
+    let _open = activity.open();
+    let opened = Instant::now();
+    tracing::debug!(%pool, %peer, identity = identity.map(ClientIdentity::as_str), backend = %addr, "relaying");
+    let tally = gateway.activity.tally(activity.clone());
+    match relay_with(Backend { tcp, addr, tally }).await {
+        Ok(outcome) => tracing::debug!(%pool, %peer, ?outcome, "connection closed"),
+        Err(reason) => gateway.metrics.rejected(Some(pool.as_str()), reason),
+    }
+    gateway.metrics.connection_closed(opened.elapsed());
+}
+
+fn settings(route: &PoolRoute) -> relay::Settings {
+    relay::Settings {
+        idle_timeout: route.idle_timeout,
+    }
+}

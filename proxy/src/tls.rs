@@ -1,0 +1,449 @@
+//! TLS for terminate mode: loading and checking certificate material, choosing the server
+//! certificate by SNI, and verifying each client certificate against **its own pool's** CA.
+//!
+//! The pool is named by the client certificate (its `bkpool://` URI SAN), not by SNI: clients
+//! that connect by IP send no SNI. One listener serves every pool, so the verifier reads the
+//! pool from the certificate first and then verifies the chain with that pool's verifier only;
+//! a certificate issued by pool A's CA that names pool B fails B's verifier.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore,
+    ServerConfig,
+};
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::identify::{IdentifyError, identify};
+use crate::names::PoolId;
+
+/// ALPN protocols the gateway selects from: gRPC clients need `h2`.
+pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+
+/// Faults in certificate material, naming the file.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: no PEM certificate found")]
+    NoCertificate { path: PathBuf },
+    #[error("{path}: {what}")]
+    Invalid { path: PathBuf, what: String },
+    #[error("{path}: the private key does not match the certificate")]
+    KeyMismatch { path: PathBuf },
+    #[error("{path}: certificate expired or not yet valid (valid {not_before} to {not_after})")]
+    Validity {
+        path: PathBuf,
+        not_before: String,
+        not_after: String,
+    },
+    #[error("no server certificate configured")]
+    NoServerCert,
+    #[error("building the TLS configuration: {0}")]
+    Build(String),
+}
+
+/// A server certificate with the names it answers for.
+#[derive(Debug, Clone)]
+pub struct ServerCert {
+    pub key: Arc<CertifiedKey>,
+    /// Lowercase DNS names (`*.example.com` wildcards included) from the certificate's SANs.
+    pub names: Vec<String>,
+}
+
+/// Loads a certificate chain and its key and checks them: the key matches, the leaf is valid
+/// now, and each certificate is issued by the next one in the chain.
+pub fn load_server_cert(cert_path: &Path, key_path: &Path) -> Result<ServerCert, TlsError> {
+    let chain = read_certs(cert_path)?;
+    let key_pem = read(key_path)?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::Invalid {
+        path: key_path.into(),
+        what: format!("no usable private key: {e}"),
+    })?;
+    let signer = provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| TlsError::Invalid {
+            path: key_path.into(),
+            what: e.to_string(),
+        })?;
+    let certified = CertifiedKey::new(chain.clone(), signer);
+    certified.keys_match().map_err(|_| TlsError::KeyMismatch {
+        path: key_path.into(),
+    })?;
+    let mut names = Vec::new();
+    for (i, der) in chain.iter().enumerate() {
+        let cert = parse(cert_path, der)?;
+        if i == 0 {
+            check_validity(cert_path, &cert)?;
+            names = dns_names(&cert);
+        }
+        if let Some(issuer) = chain.get(i + 1) {
+            let issuer = parse(cert_path, issuer)?;
+            if cert.verify_signature(Some(issuer.public_key())).is_err() {
+                let what = format!(
+                    "certificate {i} of the chain is not signed by certificate {}",
+                    i + 1
+                );
+                return Err(TlsError::Invalid {
+                    path: cert_path.into(),
+                    what,
+                });
+            }
+        }
+    }
+    Ok(ServerCert {
+        key: Arc::new(certified),
+        names,
+    })
+}
+
+/// Loads a CA bundle: at least one certificate, each a CA and valid now.
+pub fn load_ca_bundle(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = read_certs(path)?;
+    for der in &certs {
+        let cert = parse(path, der)?;
+        if !cert.is_ca() {
+            let what = format!("{} is not a CA certificate", cert.subject());
+            return Err(TlsError::Invalid {
+                path: path.into(),
+                what,
+            });
+        }
+        check_validity(path, &cert)?;
+    }
+    Ok(certs)
+}
+
+/// Builds the terminate-mode server configuration from server certificates (the first is the
+/// default) and each pool's client CA bundle.
+pub fn server_config(
+    server_certs: &[ServerCert],
+    pool_cas: &HashMap<PoolId, Vec<CertificateDer<'static>>>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let resolver = SniResolver::new(server_certs)?;
+    let verifier = PoolVerifier::new(pool_cas)?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Build(e.to_string()))?
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_cert_resolver(Arc::new(resolver));
+    config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+    // Each gateway is a fresh hop: tickets would only save the client's handshake to us, and
+    // stateless tickets would need key rotation across replicas. The stateful cache stays on.
+    Ok(Arc::new(config))
+}
+
+/// The crypto provider everything in the gateway uses (aws-lc-rs).
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Why a client certificate was refused beyond what webpki reports: the pool it names.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolAuthError {
+    #[error("{0}")]
+    Identify(#[from] IdentifyError),
+    #[error("certificate names pool {0}, which is not served here in terminate mode")]
+    UnknownPool(PoolId),
+}
+
+impl PoolAuthError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Identify(_) => "cert_no_pool",
+            Self::UnknownPool(_) => "cert_unknown_pool",
+        }
+    }
+}
+
+/// Chooses the server certificate by SNI, falling back to the first (clients that connect by
+/// IP address send no SNI).
+#[derive(Debug)]
+struct SniResolver {
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+    default: Arc<CertifiedKey>,
+}
+
+impl SniResolver {
+    fn new(certs: &[ServerCert]) -> Result<Self, TlsError> {
+        let default = certs.first().ok_or(TlsError::NoServerCert)?.key.clone();
+        let (mut exact, mut wildcard) = (HashMap::new(), HashMap::new());
+        for cert in certs {
+            for name in &cert.names {
+                match name.strip_prefix("*.") {
+                    Some(parent) => wildcard
+                        .entry(parent.to_string())
+                        .or_insert_with(|| cert.key.clone()),
+                    None => exact
+                        .entry(name.clone())
+                        .or_insert_with(|| cert.key.clone()),
+                };
+            }
+        }
+        Ok(Self {
+            exact,
+            wildcard,
+            default,
+        })
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let Some(sni) = hello.server_name() else {
+            return Some(self.default.clone());
+        };
+        let sni = sni.to_ascii_lowercase();
+        let by_wildcard = || {
+            sni.split_once('.')
+                .and_then(|(_, parent)| self.wildcard.get(parent))
+        };
+        Some(
+            self.exact
+                .get(&sni)
+                .or_else(by_wildcard)
+                .unwrap_or(&self.default)
+                .clone(),
+        )
+    }
+}
+
+/// Verifies a client certificate with the verifier of the pool it names, and only that one.
+#[derive(Debug)]
+struct PoolVerifier {
+    pools: HashMap<PoolId, Arc<dyn ClientCertVerifier>>,
+    /// Every pool's CA subject. Go clients (buildctl) only send a certificate whose issuer is
+    /// among these names (or when the list is empty), so it must name all pools or none.
+    hints: Vec<DistinguishedName>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl PoolVerifier {
+    fn new(pool_cas: &HashMap<PoolId, Vec<CertificateDer<'static>>>) -> Result<Self, TlsError> {
+        let provider = provider();
+        let mut pools = HashMap::new();
+        let mut hints = Vec::new();
+        for (pool, cas) in pool_cas {
+            let mut roots = RootCertStore::empty();
+            for ca in cas {
+                roots
+                    .add(ca.clone())
+                    .map_err(|e| TlsError::Build(format!("client CA of {pool}: {e}")))?;
+            }
+            hints.extend(roots.subjects());
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                    .build()
+                    .map_err(|e| TlsError::Build(format!("client CA of {pool}: {e}")))?;
+            pools.insert(pool.clone(), verifier);
+        }
+        Ok(Self {
+            pools,
+            hints,
+            provider,
+        })
+    }
+}
+
+impl ClientCertVerifier for PoolVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &self.hints
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let refuse = |e: PoolAuthError| {
+            rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
+        };
+        let peer = identify(end_entity).map_err(|e| refuse(e.into()))?;
+        let verifier = self
+            .pools
+            .get(&peer.pool)
+            .ok_or_else(|| refuse(PoolAuthError::UnknownPool(peer.pool)))?;
+        verifier.verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Maps a failed handshake to a fixed metric label.
+pub fn handshake_reason(error: &std::io::Error) -> &'static str {
+    use std::io::ErrorKind;
+    let Some(tls) = error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    else {
+        return match error.kind() {
+            ErrorKind::UnexpectedEof => "client_closed",
+            ErrorKind::ConnectionReset | ErrorKind::BrokenPipe => "client_reset",
+            _ => "io_error",
+        };
+    };
+    match tls {
+        rustls::Error::NoCertificatesPresented => "no_client_cert",
+        rustls::Error::InvalidCertificate(e) => cert_reason(e),
+        rustls::Error::AlertReceived(_) => "client_alert",
+        rustls::Error::PeerIncompatible(_) | rustls::Error::NoApplicationProtocol => {
+            "tls_incompatible"
+        }
+        _ => "tls_protocol",
+    }
+}
+
+fn cert_reason(e: &CertificateError) -> &'static str {
+    match e {
+        CertificateError::Expired
+        | CertificateError::ExpiredContext { .. }
+        | CertificateError::NotValidYet
+        | CertificateError::NotValidYetContext { .. } => "cert_expired",
+        CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
+            "cert_purpose"
+        }
+        CertificateError::Revoked => "cert_revoked",
+        CertificateError::Other(OtherError(inner)) => inner
+            .downcast_ref::<PoolAuthError>()
+            .map_or("cert_invalid", PoolAuthError::reason),
+        CertificateError::UnknownIssuer | CertificateError::BadSignature => "cert_untrusted",
+        _ => "cert_invalid",
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.into(),
+        source,
+    })
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read(path)?;
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&pem).collect();
+    let certs = certs.map_err(|e| TlsError::Invalid {
+        path: path.into(),
+        what: format!("bad PEM: {e}"),
+    })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate { path: path.into() });
+    }
+    Ok(certs)
+}
+
+fn parse<'a>(path: &Path, der: &'a CertificateDer<'_>) -> Result<X509Certificate<'a>, TlsError> {
+    X509Certificate::from_der(der)
+        .map(|(_, c)| c)
+        .map_err(|e| TlsError::Invalid {
+            path: path.into(),
+            what: format!("not an X.509 certificate: {e}"),
+        })
+}
+
+fn check_validity(path: &Path, cert: &X509Certificate<'_>) -> Result<(), TlsError> {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let v = cert.validity();
+    if now < v.not_before.timestamp() || now > v.not_after.timestamp() {
+        return Err(TlsError::Validity {
+            path: path.into(),
+            not_before: v.not_before.to_string(),
+            not_after: v.not_after.to_string(),
+        });
+    }
+    Ok(())
+}
+
+fn dns_names(cert: &X509Certificate<'_>) -> Vec<String> {
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::DNSName(d) => Some(d.to_ascii_lowercase()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A client configuration for the backend leg: trusts `ca` and presents `cert`/`key`; offers
+/// `h2` (buildkitd serves gRPC).
+pub fn backend_client_config(
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for der in load_ca_bundle(ca)? {
+        roots.add(der).map_err(|e| TlsError::Invalid {
+            path: ca.into(),
+            what: e.to_string(),
+        })?;
+    }
+    let pair = load_server_cert(cert, key)?;
+    let chain = pair.key.cert.clone();
+    let key_der = PrivateKeyDer::from_pem_slice(&read(key)?).map_err(|e| TlsError::Invalid {
+        path: key.into(),
+        what: format!("no usable private key: {e}"),
+    })?;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Build(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key_der)
+        .map_err(|e| TlsError::Build(e.to_string()))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
