@@ -360,7 +360,7 @@ key = "$PKI/server.key"
 [[pool]]
 name = "bench"
 mode = "$mode"
-client_ca = "$PKI/client-ca.pem"
+$([[ $mode == terminate ]] && echo "client_ca = \"$PKI/client-ca.pem\"")
 backends = ["127.0.0.1:$backend"]
 hostnames = ["bench.example"]
 EOF
