@@ -96,7 +96,7 @@ fn pace(
     writers: &mut [(Writer, Sender<Sample>)],
 ) -> Result<(u64, Vec<Duration>), LatencyError> {
     let interval = Duration::from_secs(1) / plan.rate as u32;
-    let total = plan.rate * (plan.warmup + plan.duration).as_secs_f64() as u64;
+    let total = (plan.rate as f64 * (plan.warmup + plan.duration).as_secs_f64()).round() as u64;
     let payload = vec![b'x'; plan.size];
     let record_from = start + plan.warmup;
     let mut lags = Vec::with_capacity(total as usize);
@@ -295,4 +295,47 @@ fn is_timeout(e: &io::Error) -> bool {
         e.kind(),
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{Backend, Behaviour};
+
+    #[test]
+    fn every_request_is_answered_and_timed() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let target = runtime.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let backend = Backend {
+                behaviour: Behaviour::Echo,
+                skip_client_hello: false,
+            };
+            tokio::spawn(backend.run(listener, Duration::from_secs(30)));
+            addr
+        });
+        let plan = Plan {
+            target,
+            rate: 2000,
+            size: 1024,
+            conns: 2,
+            duration: Duration::from_millis(500),
+            warmup: Duration::from_millis(100),
+        };
+        let report = run(plan, None).unwrap();
+        assert_eq!(report.sent, 1200);
+        assert_eq!(report.recorded, 1000, "{report:?}");
+        assert_eq!(report.lost, 0);
+        assert!(report.p50_us > 0.0 && report.p50_us <= report.p99_us);
+    }
+
+    #[test]
+    fn percentiles_take_the_ceiling_rank() {
+        let sorted: Vec<_> = (1..=100).map(Duration::from_micros).collect();
+        assert_eq!(percentile_us(&sorted, 0.5), Some(50.0));
+        assert_eq!(percentile_us(&sorted, 0.99), Some(99.0));
+        assert_eq!(percentile_us(&sorted, 1.0), Some(100.0));
+        assert_eq!(percentile_us(&[], 0.5), None);
+    }
 }

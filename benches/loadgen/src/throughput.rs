@@ -180,3 +180,49 @@ async fn read_some(
         other => other,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{Backend, Behaviour};
+
+    async fn backend(behaviour: Behaviour, skip_client_hello: bool) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let backend = Backend {
+            behaviour,
+            skip_client_hello,
+        };
+        tokio::spawn(backend.run(listener, Duration::from_secs(30)));
+        addr
+    }
+
+    fn plan(target: SocketAddr, mode: Mode) -> Plan {
+        Plan {
+            target,
+            conns: 2,
+            duration: Duration::from_millis(200),
+            mode,
+        }
+    }
+
+    #[tokio::test]
+    async fn echo_verifies_every_byte_after_a_skipped_client_hello() {
+        let target = backend(Behaviour::Echo, true).await;
+        let hello = crate::tls::client_hello("bench.example").unwrap();
+        let report = run(plan(target, Mode::Echo), Opening::Hello(hello))
+            .await
+            .unwrap();
+        assert!(report.bytes > 0);
+    }
+
+    #[tokio::test]
+    async fn upload_counts_what_the_sink_took() {
+        let target = backend(Behaviour::Sink, false).await;
+        let report = run(plan(target, Mode::Upload), Opening::Plain)
+            .await
+            .unwrap();
+        assert!(report.bytes >= CHUNK as u64 * 2);
+        assert!(report.gbit_per_s > 0.0);
+    }
+}
