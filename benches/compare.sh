@@ -392,7 +392,8 @@ load_args() {
     esac
     case "$scenario" in
         tcp-* | pass-* | tls-*)
-            echo throughput --target "$target" --conns "${scenario#*-}" --seconds "$RUN_SECONDS" "${conn[@]}" ;;
+            echo throughput --target "$target" --conns "${scenario#*-}" --seconds "$RUN_SECONDS" \
+                ${pids:+--pid "$pids"} "${conn[@]}" ;;
         hs)
             echo handshakes --target "$target" --concurrency 32 --seconds "$RUN_SECONDS" --pid "$pids" "${conn[@]}" ;;
         lat-*)

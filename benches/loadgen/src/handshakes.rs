@@ -47,7 +47,7 @@ struct Counts {
 
 pub async fn run(plan: Plan, opening: Opening) -> std::io::Result<Report> {
     let counts = Arc::new(Counts::default());
-    let cpu_before = proxy_cpu(&plan.pids)?;
+    let cpu_before = procfs::cpu_time_of(&plan.pids)?;
     let start = Instant::now();
     let deadline = start + plan.duration;
     let workers: Vec<_> = (0..plan.concurrency)
@@ -64,7 +64,7 @@ pub async fn run(plan: Plan, opening: Opening) -> std::io::Result<Report> {
         worker.await?;
     }
     let seconds = start.elapsed().as_secs_f64();
-    let cpu_after = proxy_cpu(&plan.pids)?;
+    let cpu_after = procfs::cpu_time_of(&plan.pids)?;
     let handshakes = counts.ok.load(Ordering::Relaxed);
     let cpu = cpu_before
         .zip(cpu_after)
@@ -81,13 +81,6 @@ pub async fn run(plan: Plan, opening: Opening) -> std::io::Result<Report> {
             .filter(|cpu| *cpu > 0.0)
             .map(|cpu| handshakes as f64 / cpu),
     })
-}
-
-fn proxy_cpu(pids: &[u32]) -> std::io::Result<Option<Duration>> {
-    if pids.is_empty() {
-        return Ok(None);
-    }
-    procfs::cpu_time(pids).map(Some)
 }
 
 async fn worker(target: SocketAddr, opening: Opening, deadline: Instant, counts: Arc<Counts>) {

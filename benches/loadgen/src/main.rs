@@ -100,6 +100,9 @@ struct ThroughputArgs {
     seconds: f64,
     #[arg(long, value_enum, default_value = "upload")]
     mode: throughput::Mode,
+    /// The proxy's processes (comma-separated), for CPU time.
+    #[arg(long, value_delimiter = ',')]
+    pid: Vec<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -166,6 +169,7 @@ fn main() -> anyhow::Result<()> {
                 conns: args.conns,
                 duration: seconds(args.seconds),
                 mode: args.mode,
+                pids: args.pid,
             };
             let opening = opening(&args.target)?;
             serde_json::to_string(&runtime.block_on(throughput::run(plan, opening))?)?

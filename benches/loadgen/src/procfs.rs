@@ -17,6 +17,14 @@ pub fn cpu_time(pids: &[u32]) -> io::Result<Duration> {
     Ok(Duration::from_secs_f64(ticks as f64 / ticks_per_s as f64))
 }
 
+/// CPU time, or `None` when no process is named (the direct path).
+pub fn cpu_time_of(pids: &[u32]) -> io::Result<Option<Duration>> {
+    if pids.is_empty() {
+        return Ok(None);
+    }
+    cpu_time(pids).map(Some)
+}
+
 /// Resident and proportional set sizes, in KiB.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct Memory {

@@ -58,7 +58,7 @@ impl Cell {
 /// The metrics a scenario reports, by its name's prefix.
 fn metrics(scenario: &str) -> &'static [&'static str] {
     match scenario.split('-').next().unwrap_or_default() {
-        "tcp" | "pass" | "tls" | "echo" => &["gbit_per_s"],
+        "tcp" | "pass" | "tls" | "echo" => &["gbit_per_s", "proxy_cores"],
         "hs" => &[
             "handshakes_per_proxy_core_s",
             "handshakes_per_s",
@@ -108,15 +108,19 @@ impl Table {
         self.rounds = self.rounds.max(line.round);
         for &metric in metrics(&line.scenario) {
             let key = (line.scenario.clone(), line.proxy.clone(), metric);
-            let cell = self.cells.entry(key).or_default();
-            match line
+            if line.error.is_some() {
+                self.cells.entry(key).or_default().errors += 1;
+                continue;
+            }
+            // A metric a run does not have (no proxy CPU on the direct
+            // path) is absent, not failed.
+            let value = line
                 .result
                 .as_ref()
                 .and_then(|r| r.get(metric))
-                .and_then(Value::as_f64)
-            {
-                Some(value) if line.error.is_none() => cell.values.push(value),
-                _ => cell.errors += 1,
+                .and_then(Value::as_f64);
+            if let Some(value) = value {
+                self.cells.entry(key).or_default().values.push(value);
             }
         }
     }

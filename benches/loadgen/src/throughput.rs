@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::connect::{self, Opening, Stream};
+use crate::procfs;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -23,6 +24,8 @@ pub struct Plan {
     pub conns: usize,
     pub duration: Duration,
     pub mode: Mode,
+    /// The proxy's processes, for CPU time; empty to skip.
+    pub pids: Vec<u32>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -33,6 +36,8 @@ pub struct Report {
     /// Bytes that made the whole trip (written for upload, echoed back for echo).
     pub bytes: u64,
     pub gbit_per_s: f64,
+    /// Proxy CPU seconds per wall second: near 1.0 the proxy was the bottleneck.
+    pub proxy_cores: Option<f64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +50,8 @@ pub enum ThroughputError {
     Corrupt { conn: usize, offset: u64 },
     #[error("connection {conn}: no close from the backend within {0:?}", DRAIN)]
     Drain { conn: usize },
+    #[error("reading the proxy's CPU time: {0}")]
+    Proc(std::io::Error),
     #[error("task: {0}")]
     Join(#[from] tokio::task::JoinError),
 }
@@ -61,6 +68,7 @@ pub async fn run(plan: Plan, opening: Opening) -> Result<Report, ThroughputError
     for _ in 0..plan.conns {
         streams.push(connect::open(plan.target, &opening).await?);
     }
+    let cpu_before = procfs::cpu_time_of(&plan.pids).map_err(ThroughputError::Proc)?;
     let start = Instant::now();
     let deadline = start + plan.duration;
     let tasks: Vec<_> = streams
@@ -73,12 +81,17 @@ pub async fn run(plan: Plan, opening: Opening) -> Result<Report, ThroughputError
         bytes += task.await??;
     }
     let seconds = start.elapsed().as_secs_f64();
+    let cpu_after = procfs::cpu_time_of(&plan.pids).map_err(ThroughputError::Proc)?;
+    let cpu = cpu_before
+        .zip(cpu_after)
+        .map(|(b, a)| (a - b).as_secs_f64());
     Ok(Report {
         mode: plan.mode,
         conns: plan.conns,
         seconds,
         bytes,
         gbit_per_s: bytes as f64 * 8.0 / seconds / 1e9,
+        proxy_cores: cpu.map(|cpu| cpu / seconds),
     })
 }
 
@@ -203,6 +216,7 @@ mod tests {
             conns: 2,
             duration: Duration::from_millis(200),
             mode,
+            pids: vec![],
         }
     }
 
