@@ -4,7 +4,7 @@
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use super::PkiError;
@@ -83,6 +83,19 @@ pub fn read_text(path: &Path) -> Result<String, PkiError> {
     })
 }
 
+/// Warns when a private key file is readable or writable by anyone but its owner. Only
+/// warns: the operator may have reasons, and refusing to start would not make it private.
+pub fn warn_if_loose(key_path: &Path) {
+    let Ok(meta) = fs::metadata(key_path) else {
+        return;
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        let path = key_path.display();
+        tracing::warn!(%path, mode = format_args!("{mode:o}"), "private key is accessible to other users");
+    }
+}
+
 fn write_new(tmp: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     // A stale temporary from a crashed run may carry other permissions: start afresh.
     let _ = fs::remove_file(tmp);
@@ -97,8 +110,6 @@ fn write_new(tmp: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::PermissionsExt;
-
     use super::*;
 
     fn mode(path: &Path) -> u32 {

@@ -221,7 +221,7 @@ impl IssueOptions {
     }
 
     /// These extended key usages instead of the one the certificate kind calls for (an empty
-    /// list is kept as an empty extension).
+    /// list leaves the extension out, which RFC 5280 reads as "any purpose").
     pub fn ekus(mut self, ekus: &[Eku]) -> Self {
         self.ekus = Some(ekus.to_vec());
         self
