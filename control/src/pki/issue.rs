@@ -120,6 +120,9 @@ impl Ca {
         ttl: Duration,
         options: &IssueOptions,
     ) -> Result<IssuedCert, PkiError> {
+        if names.is_empty() {
+            return Err(PkiError::NoServerNames);
+        }
         let sans = names
             .iter()
             .map(|n| server_san(n))
@@ -518,6 +521,10 @@ mod tests {
                 "{bad:?}: {err}"
             );
         }
+        assert!(matches!(
+            ca.issue_server(&[], HOUR),
+            Err(PkiError::NoServerNames)
+        ));
     }
 
     #[test]
