@@ -32,7 +32,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for spec in &args.pools {
         let (name, backend) = spec.split_once('=').unwrap_or((spec, "127.0.0.1:1234"));
         let id: PoolId = name.parse().with_context(|| format!("pool {name:?}"))?;
-        let backend: SocketAddr = backend.parse().with_context(|| format!("backend {backend:?} of pool {name}"))?;
+        let backend: SocketAddr = backend
+            .parse()
+            .with_context(|| format!("backend {backend:?} of pool {name}"))?;
         pools.push((id, backend));
     }
     let ids: Vec<PoolId> = pools.iter().map(|(id, _)| id.clone()).collect();
@@ -40,24 +42,68 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let pki = LocalPki::open_or_init(&pki_dir, &ids, &[]).context("local PKI")?;
     let identity = ClientIdentity::new(&args.identity)?;
 
-    let mut config = String::from("# Written by `bkpool demo`. Run: bkpool gateway --config gateway.toml\n");
-    writeln!(config, "listen = \"127.0.0.1:1235\"\nadmin = \"127.0.0.1:9235\"\n")?;
-    writeln!(config, "[[server_cert]]\ncert = {:?}\nkey = {:?}", pki.server_cert_path(), pki.server_key_path())?;
+    let mut config =
+        String::from("# Written by `bkpool demo`. Run: bkpool gateway --config gateway.toml\n");
+    writeln!(
+        config,
+        "listen = \"127.0.0.1:1235\"\nadmin = \"127.0.0.1:9235\"\n"
+    )?;
+    writeln!(
+        config,
+        "[[server_cert]]\ncert = {:?}\nkey = {:?}",
+        pki.server_cert_path(),
+        pki.server_key_path()
+    )?;
     for (id, backend) in &pools {
-        let issued = pki.pool_ca(id).expect("pool CA was created").issue_client(id, &identity, args.ttl)?;
-        let tls_dir = args.out.join("clients").join(id.namespace()).join(id.name());
+        let issued = pki
+            .pool_ca(id)
+            .expect("pool CA was created")
+            .issue_client(id, &identity, args.ttl)?;
+        let tls_dir = args
+            .out
+            .join("clients")
+            .join(id.namespace())
+            .join(id.name());
         let key = issued.key_pem.as_deref().expect("a generated key");
-        write_tls_dir(&tls_dir, pki.gateway_ca().cert_pem(), &issued.chain_pem(), key)?;
-        writeln!(config, "\n[[pool]]\nname = {:?}\nnamespace = {:?}", id.name(), id.namespace())?;
-        writeln!(config, "client_ca = {:?}\nbackends = [\"{backend}\"]", pki.pool_ca_path(id))?;
-        println!("pool {id}: backend {backend}, client certificate in {}", tls_dir.display());
+        write_tls_dir(
+            &tls_dir,
+            pki.gateway_ca().cert_pem(),
+            &issued.chain_pem(),
+            key,
+        )?;
+        writeln!(
+            config,
+            "\n[[pool]]\nname = {:?}\nnamespace = {:?}",
+            id.name(),
+            id.namespace()
+        )?;
+        writeln!(
+            config,
+            "client_ca = {:?}\nbackends = [\"{backend}\"]",
+            pki.pool_ca_path(id)
+        )?;
+        println!(
+            "pool {id}: backend {backend}, client certificate in {}",
+            tls_dir.display()
+        );
     }
     let path = args.out.join("gateway.toml");
     std::fs::write(&path, config).with_context(|| format!("writing {}", path.display()))?;
-    println!("configuration: {}\nrun: bkpool gateway --config {}", path.display(), path.display());
+    println!(
+        "configuration: {}\nrun: bkpool gateway --config {}",
+        path.display(),
+        path.display()
+    );
     if let Some((id, _)) = pools.first() {
-        let dir = args.out.join("clients").join(id.namespace()).join(id.name());
-        println!("then: buildctl --addr tcp://127.0.0.1:1235 --tlsdir {} debug workers", dir.display());
+        let dir = args
+            .out
+            .join("clients")
+            .join(id.namespace())
+            .join(id.name());
+        println!(
+            "then: buildctl --addr tcp://127.0.0.1:1235 --tlsdir {} debug workers",
+            dir.display()
+        );
     }
     Ok(())
 }

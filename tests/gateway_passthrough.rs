@@ -22,7 +22,9 @@ async fn tls_echo_backend(pki: &TestPki, pool: &str) -> SocketAddr {
         while let Ok((tcp, _)) = listener.accept().await {
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
                 let (mut r, mut w) = tokio::io::split(tls);
                 let _ = tokio::io::copy(&mut r, &mut w).await;
                 let _ = w.shutdown().await;
@@ -35,7 +37,9 @@ async fn tls_echo_backend(pki: &TestPki, pool: &str) -> SocketAddr {
 /// A real ClientHello naming `sni`, as the first bytes a TLS client sends.
 fn client_hello(pki: &TestPki, sni: &str) -> Vec<u8> {
     let config = Arc::new(pki.client("a", "alice").config(&[b"h2"]));
-    let mut conn = rustls::ClientConnection::new(config, ServerName::try_from(sni.to_string()).unwrap()).unwrap();
+    let mut conn =
+        rustls::ClientConnection::new(config, ServerName::try_from(sni.to_string()).unwrap())
+            .unwrap();
     let mut out = Vec::new();
     conn.write_tls(&mut out).unwrap();
     out
@@ -60,7 +64,10 @@ async fn raw_sink_after_hello(total: usize) -> SocketAddr {
             let n = (1 << 20).min(total - received);
             tcp.read_exact(&mut got[..n]).await.unwrap();
             expected.fill(&mut want[..n]);
-            assert!(got[..n] == want[..n], "splice corrupted bytes at offset {received}");
+            assert!(
+                got[..n] == want[..n],
+                "splice corrupted bytes at offset {received}"
+            );
             received += n;
         }
         tcp.write_all(b"ok").await.unwrap();
@@ -73,25 +80,46 @@ async fn raw_sink_after_hello(total: usize) -> SocketAddr {
 async fn tls_flows_end_to_end_through_passthrough_with_the_backend_verifying_the_client() {
     let pki = Arc::new(TestPki::new().pool("a").server_name("builds.example"));
     let backend = tls_echo_backend(&pki, "a").await;
-    let gw = gateway(&pki).passthrough("a", "builds.example", backend).start();
+    let gw = gateway(&pki)
+        .passthrough("a", "builds.example", backend)
+        .start();
     let tcp = TcpStream::connect(gw.listen).await.unwrap();
     let config = pki.client("a", "alice").arc_config(&[b"h2"]);
     let name = ServerName::try_from("builds.example").unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.unwrap();
-    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]), "negotiated with the backend itself");
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    assert_eq!(
+        tls.get_ref().1.alpn_protocol(),
+        Some(&b"h2"[..]),
+        "negotiated with the backend itself"
+    );
     tls.write_all(b"through the tunnel").await.unwrap();
     let mut back = [0u8; 18];
     tls.read_exact(&mut back).await.unwrap();
     assert_eq!(&back, b"through the tunnel");
-    gw.wait_metric("bkpool_gateway_connections_open", &[("pool", "local/a")], 1.0).await;
-    assert!(gw.metric("bkpool_gateway_relay_bytes_total", &[("path", "splice")]).await > 0.0, "passthrough splices");
+    gw.wait_metric(
+        "bkpool_gateway_connections_open",
+        &[("pool", "local/a")],
+        1.0,
+    )
+    .await;
+    assert!(
+        gw.metric("bkpool_gateway_relay_bytes_total", &[("path", "splice")])
+            .await
+            > 0.0,
+        "passthrough splices"
+    );
 }
 
 #[tokio::test]
 async fn an_sni_split_across_segments_is_still_routed() {
     let pki = Arc::new(TestPki::new().pool("a").server_name("builds.example"));
     let backend = tls_echo_backend(&pki, "a").await;
-    let gw = gateway(&pki).passthrough("a", "builds.example", backend).start();
+    let gw = gateway(&pki)
+        .passthrough("a", "builds.example", backend)
+        .start();
     let hello = client_hello(&pki, "builds.example");
     let mut tcp = TcpStream::connect(gw.listen).await.unwrap();
     tcp.set_nodelay(true).unwrap();
@@ -101,7 +129,10 @@ async fn an_sni_split_across_segments_is_still_routed() {
     }
     // The backend answers a whole ClientHello with a ServerHello: the bytes were replayed intact.
     let mut record = [0u8; 5];
-    tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut record)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut record))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(record[0], 0x16, "a handshake record from the backend");
 }
 
@@ -109,18 +140,32 @@ async fn an_sni_split_across_segments_is_still_routed() {
 async fn unknown_sni_and_garbage_are_refused_and_counted() {
     let pki = Arc::new(TestPki::new().pool("a").server_name("builds.example"));
     let backend = backends::echo().await;
-    let gw = gateway(&pki).passthrough("a", "builds.example", backend.addr).start();
+    let gw = gateway(&pki)
+        .passthrough("a", "builds.example", backend.addr)
+        .start();
     for (bytes, reason) in [
         (client_hello(&pki, "other.example"), "no_route"),
         (b"SSH-2.0-OpenSSH_9.2\r\n".to_vec(), "not_tls"),
-        (vec![0x16, 0x03, 0x01, 0x00, 0x04, 0x02, 0x00, 0x00, 0x00], "bad_client_hello"),
+        (
+            vec![0x16, 0x03, 0x01, 0x00, 0x04, 0x02, 0x00, 0x00, 0x00],
+            "bad_client_hello",
+        ),
     ] {
         let mut tcp = TcpStream::connect(gw.listen).await.unwrap();
         tcp.write_all(&bytes).await.unwrap();
         let mut sink = Vec::new();
         let closed = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut sink)).await;
-        assert!(closed.is_ok(), "{reason}: not closed; log:\n{}", gw.log_text());
-        gw.wait_metric("bkpool_gateway_connections_rejected_total", &[("pool", ""), ("reason", reason)], 1.0).await;
+        assert!(
+            closed.is_ok(),
+            "{reason}: not closed; log:\n{}",
+            gw.log_text()
+        );
+        gw.wait_metric(
+            "bkpool_gateway_connections_rejected_total",
+            &[("pool", ""), ("reason", reason)],
+            1.0,
+        )
+        .await;
     }
     assert_eq!(backend.accepted(), 0, "nothing reached the backend");
 }
@@ -130,9 +175,13 @@ async fn a_gibibyte_through_the_splice_path_arrives_intact() {
     const TOTAL: usize = 1 << 30;
     let pki = Arc::new(TestPki::new().pool("a").server_name("builds.example"));
     let backend = raw_sink_after_hello(TOTAL).await;
-    let gw = gateway(&pki).passthrough("a", "builds.example", backend).start();
+    let gw = gateway(&pki)
+        .passthrough("a", "builds.example", backend)
+        .start();
     let mut tcp = TcpStream::connect(gw.listen).await.unwrap();
-    tcp.write_all(&client_hello(&pki, "builds.example")).await.unwrap();
+    tcp.write_all(&client_hello(&pki, "builds.example"))
+        .await
+        .unwrap();
     let started = Instant::now();
     let (mut r, mut w) = tcp.into_split();
     let writer = tokio::spawn(async move {
@@ -149,9 +198,18 @@ async fn a_gibibyte_through_the_splice_path_arrives_intact() {
     let _w = writer.await.unwrap();
     assert_eq!(answer, b"ok");
     eprintln!("1 GiB through passthrough in {:?}", started.elapsed());
-    gw.wait_metric("bkpool_gateway_bytes_total", &[("pool", "local/a"), ("direction", "in")], (TOTAL + client_hello(&pki, "builds.example").len()) as f64)
-        .await;
+    gw.wait_metric(
+        "bkpool_gateway_bytes_total",
+        &[("pool", "local/a"), ("direction", "in")],
+        (TOTAL + client_hello(&pki, "builds.example").len()) as f64,
+    )
+    .await;
     // Bytes that arrived with the ClientHello are replayed by a copy; the rest is spliced.
-    let spliced = gw.metric("bkpool_gateway_relay_bytes_total", &[("path", "splice")]).await;
-    assert!(spliced >= (TOTAL - (64 << 10)) as f64, "only {spliced} bytes spliced");
+    let spliced = gw
+        .metric("bkpool_gateway_relay_bytes_total", &[("path", "splice")])
+        .await;
+    assert!(
+        spliced >= (TOTAL - (64 << 10)) as f64,
+        "only {spliced} bytes spliced"
+    );
 }
