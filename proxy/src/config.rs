@@ -279,7 +279,7 @@ impl Validator<'_> {
     fn config(&mut self, raw: RawConfig) -> GatewayConfig {
         let listen = self.addr("listen", raw.listen.as_deref().unwrap_or(DEFAULT_LISTEN));
         let admin = self.addr("admin", raw.admin.as_deref().unwrap_or(DEFAULT_ADMIN));
-        if listen == admin {
+        if listen == admin && listen.port() != 0 {
             self.fault("admin", format!("same address as listen ({listen})"));
         }
         let limits = Limits {

@@ -177,7 +177,7 @@ impl Collector for ActivityCollector {
         let mut bytes = encoder.encode_descriptor(
             "bytes",
             "Bytes relayed, by pool and direction (in: from clients)",
-            Some(&Unit::Bytes),
+            None,
             prometheus_client::metrics::MetricType::Counter,
         )?;
         for pool in &snapshot.pools {
@@ -189,7 +189,7 @@ impl Collector for ActivityCollector {
 
         let totals = self.activity.relay_totals();
         let mut by_path = encoder.encode_descriptor(
-            "relay_bytes",
+            "relay",
             "Bytes relayed, by how they moved (splice: zero-copy through a pipe)",
             Some(&Unit::Bytes),
             prometheus_client::metrics::MetricType::Counter,
@@ -228,8 +228,8 @@ impl Collector for ActivityCollector {
                 self.admission.handshakes_in_flight(),
             ),
             (
-                "connections",
-                "Connections open, authenticated or not",
+                "client_connections",
+                "Client connections open, authenticated or not",
                 self.admission.connections().used(),
             ),
             (

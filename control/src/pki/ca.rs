@@ -118,3 +118,145 @@ impl std::fmt::Debug for Ca {
             .finish_non_exhaustive()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use x509_parser::extensions::ParsedExtension;
+    use x509_parser::prelude::{FromDer, X509Certificate};
+
+    use super::*;
+    use crate::pki::IssueOptions;
+
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+
+    #[test]
+    fn a_generated_ca_is_a_p256_ca_that_can_only_sign_leaves() {
+        let ca = Ca::generate("bkpool client CA local/default", 30 * DAY).unwrap();
+        let (_, cert) = X509Certificate::from_der(ca.cert_der()).unwrap();
+        let cn = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .unwrap()
+            .as_str()
+            .unwrap();
+        assert_eq!(cn, "bkpool client CA local/default");
+        assert_eq!(cert.subject(), cert.issuer());
+        let bc = cert.basic_constraints().unwrap().unwrap().value;
+        assert!(bc.ca && bc.path_len_constraint == Some(0), "{bc:?}");
+        let ku = cert.key_usage().unwrap().unwrap().value;
+        assert!(ku.key_cert_sign() && ku.crl_sign() && !ku.digital_signature());
+        let curve = cert
+            .public_key()
+            .algorithm
+            .parameters
+            .as_ref()
+            .unwrap()
+            .as_oid()
+            .unwrap();
+        assert_eq!(curve, x509_parser::oid_registry::OID_EC_P256);
+        cert.verify_signature(None).unwrap();
+        let lifetime =
+            cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
+        assert_eq!(lifetime, (30 * DAY + CLOCK_SKEW).as_secs() as i64);
+        let has_ski = cert.extensions().iter().any(|e| {
+            matches!(
+                e.parsed_extension(),
+                ParsedExtension::SubjectKeyIdentifier(_)
+            )
+        });
+        assert!(has_ski);
+    }
+
+    #[test]
+    fn a_loaded_ca_issues_like_the_generated_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = Ca::generate("a", DAY).unwrap();
+        let (cert_path, key_path) = (tmp.path().join("ca.pem"), tmp.path().join("ca.key"));
+        fs::write(&cert_path, ca.cert_pem()).unwrap();
+        fs::write(&key_path, ca.key_pem()).unwrap();
+        let loaded = Ca::load(&cert_path, &key_path).unwrap();
+        assert_eq!(loaded.cert_der(), ca.cert_der());
+        let pool = "a".parse().unwrap();
+        let who = proxy::names::ClientIdentity::new("alice").unwrap();
+        let leaf = loaded.issue_client(&pool, &who, DAY).unwrap();
+        let verifier = crate::pki::testing::client_verifier(&ca);
+        let now = rustls::pki_types::UnixTime::now();
+        verifier
+            .verify_client_cert(leaf.cert_der(), &[], now)
+            .unwrap();
+    }
+
+    #[test]
+    fn expired_and_non_ca_certs_do_not_load() {
+        let ca = Ca::generate("a", DAY).unwrap();
+        let err =
+            Ca::from_pem(ca.cert_pem(), Ca::generate("b", DAY).unwrap().key_pem()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                PkiError::Invalid {
+                    problem: Problem::KeyMismatch { .. },
+                    ..
+                }
+            ),
+            "{err}"
+        );
+
+        // An expired CA: sign a CA certificate over the same key with a past window.
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.not_before = (SystemTime::now() - 2 * DAY).into();
+        params.not_after = (SystemTime::now() - DAY).into();
+        let expired = params.self_signed(&key).unwrap();
+        let err = Ca::from_pem(&expired.pem(), &key.serialize_pem()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                PkiError::Invalid {
+                    problem: Problem::Expired { .. },
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("expired at"), "{err}");
+
+        let leaf = ca
+            .issue_server_with(&["localhost".into()], DAY, &IssueOptions::new())
+            .unwrap();
+        let err = Ca::from_pem(&leaf.cert_pem, leaf.key_pem.as_deref().unwrap()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                PkiError::Invalid {
+                    problem: Problem::NotCa,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn missing_files_are_read_errors_naming_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (cert_path, key_path) = (tmp.path().join("ca.pem"), tmp.path().join("ca.key"));
+        let err = Ca::load(&cert_path, &key_path).unwrap_err();
+        assert_eq!(err.path(), Some(cert_path.as_path()));
+        assert!(err.to_string().contains("ca.pem: cannot read"), "{err}");
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_key() {
+        let ca = Ca::generate("a", DAY).unwrap();
+        let shown = format!("{ca:?}");
+        assert!(
+            !shown.contains("PRIVATE") && !shown.contains(&ca.key_pem()[30..60]),
+            "{shown}"
+        );
+    }
+}

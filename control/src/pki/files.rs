@@ -4,7 +4,7 @@
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use super::PkiError;
@@ -83,6 +83,19 @@ pub fn read_text(path: &Path) -> Result<String, PkiError> {
     })
 }
 
+/// Warns when a private key file is readable or writable by anyone but its owner. Only
+/// warns: the operator may have reasons, and refusing to start would not make it private.
+pub fn warn_if_loose(key_path: &Path) {
+    let Ok(meta) = fs::metadata(key_path) else {
+        return;
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        let path = key_path.display();
+        tracing::warn!(%path, mode = format_args!("{mode:o}"), "private key is accessible to other users");
+    }
+}
+
 fn write_new(tmp: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     // A stale temporary from a crashed run may carry other permissions: start afresh.
     let _ = fs::remove_file(tmp);
@@ -93,4 +106,62 @@ fn write_new(tmp: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
         .open(tmp)?;
     file.write_all(bytes)?;
     file.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn a_tls_dir_has_the_buildctl_layout_and_a_private_key() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("certs/alice");
+        write_tls_dir(&out, "CA\n", "CERT\n", "KEY\n").unwrap();
+        let read = |f: &str| fs::read_to_string(out.join(f)).unwrap();
+        assert_eq!(
+            (read("ca.pem"), read("cert.pem"), read("key.pem")),
+            ("CA\n".into(), "CERT\n".into(), "KEY\n".into())
+        );
+        assert_eq!(mode(&out.join("key.pem")), 0o600);
+        assert_eq!(mode(&out), 0o700);
+        assert_eq!(
+            fs::read_dir(&out).unwrap().count(),
+            3,
+            "no temporary files left behind"
+        );
+    }
+
+    #[test]
+    fn rewriting_a_tls_dir_replaces_files_and_tightens_a_loose_key() {
+        let tmp = tempfile::tempdir().unwrap();
+        write_tls_dir(tmp.path(), "CA1", "CERT1", "KEY1").unwrap();
+        fs::set_permissions(
+            tmp.path().join("key.pem"),
+            fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        write_tls_dir(tmp.path(), "CA2", "CERT2", "KEY2").unwrap();
+        assert_eq!(
+            fs::read_to_string(tmp.path().join("key.pem")).unwrap(),
+            "KEY2"
+        );
+        assert_eq!(mode(&tmp.path().join("key.pem")), 0o600);
+    }
+
+    #[test]
+    fn a_file_in_place_of_the_tls_dir_is_refused_and_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("tls");
+        fs::write(&out, "mine").unwrap();
+        let err = write_tls_dir(&out, "CA", "CERT", "KEY").unwrap_err();
+        assert!(
+            matches!(&err, PkiError::NotADirectory { path } if *path == out),
+            "{err}"
+        );
+        assert_eq!(fs::read_to_string(&out).unwrap(), "mine");
+    }
 }

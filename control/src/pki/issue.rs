@@ -120,6 +120,9 @@ impl Ca {
         ttl: Duration,
         options: &IssueOptions,
     ) -> Result<IssuedCert, PkiError> {
+        if names.is_empty() {
+            return Err(PkiError::NoServerNames);
+        }
         let sans = names
             .iter()
             .map(|n| server_san(n))
@@ -221,7 +224,7 @@ impl IssueOptions {
     }
 
     /// These extended key usages instead of the one the certificate kind calls for (an empty
-    /// list is kept as an empty extension).
+    /// list leaves the extension out, which RFC 5280 reads as "any purpose").
     pub fn ekus(mut self, ekus: &[Eku]) -> Self {
         self.ekus = Some(ekus.to_vec());
         self
@@ -518,6 +521,10 @@ mod tests {
                 "{bad:?}: {err}"
             );
         }
+        assert!(matches!(
+            ca.issue_server(&[], HOUR),
+            Err(PkiError::NoServerNames)
+        ));
     }
 
     #[test]

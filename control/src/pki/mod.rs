@@ -52,6 +52,8 @@ pub enum PkiError {
     NotADirectory { path: PathBuf },
     #[error("server name {0:?} is neither an IP address nor a DNS name")]
     BadServerName(String),
+    #[error("a server certificate needs at least one DNS name or IP address")]
+    NoServerNames,
     #[error("certificate signing request refused: {0}")]
     Csr(#[from] CsrError),
     #[error("the system random number generator failed")]

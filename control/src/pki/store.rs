@@ -25,7 +25,7 @@ use std::time::{Duration, SystemTime};
 
 use proxy::names::PoolId;
 
-use super::files::{CERT_MODE, KEY_MODE, ensure_dir, read_text, write_atomic};
+use super::files::{CERT_MODE, KEY_MODE, ensure_dir, read_text, warn_if_loose, write_atomic};
 use super::inspect::{CertInfo, key_from_pem};
 use super::issue::is_dns_name;
 use super::{Ca, PkiError};
@@ -162,6 +162,7 @@ impl LocalPki {
     fn load_server_cert(&self, cert_path: &Path, key_path: &Path) -> Result<CertInfo, PkiError> {
         let info = CertInfo::from_pem(&read_text(cert_path)?, cert_path)?;
         let key = key_from_pem(&read_text(key_path)?, key_path)?;
+        warn_if_loose(key_path);
         info.check_key(&key, key_path, cert_path)?;
         info.check_issued_by(
             self.gateway_ca.cert_der(),
@@ -191,6 +192,7 @@ fn open_or_create_ca(dir: &Path, stem: &str, common_name: &str) -> Result<Ca, Pk
     let cert_path = dir.join(format!("{stem}.pem"));
     let key_path = dir.join(format!("{stem}.key"));
     if pair_exists(&cert_path, &key_path)? {
+        warn_if_loose(&key_path);
         return Ca::load(&cert_path, &key_path);
     }
     ensure_dir(dir)?;

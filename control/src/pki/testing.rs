@@ -192,6 +192,21 @@ impl TestPki {
         self.test_client(issued)
     }
 
+    /// A buildkitd server certificate for the mTLS backend leg, from the backend CA.
+    pub fn backend_server(&self, names: &[&str]) -> IssuedCert {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let ca = self.pki.backend_ca();
+        ca.issue_server(&names, TEST_TTL)
+            .expect("issue a backend server certificate")
+    }
+
+    /// The gateway's client certificate for the mTLS backend leg, from the backend CA.
+    pub fn backend_client(&self) -> IssuedCert {
+        let ca = self.pki.backend_ca();
+        ca.issue_client_named("bkpool gateway", TEST_TTL)
+            .expect("issue a backend client certificate")
+    }
+
     /// A client configuration that trusts the gateway but presents no certificate.
     pub fn anonymous_config(&self, alpn: &[&[u8]]) -> ClientConfig {
         let mut config = ClientConfig::builder_with_provider(provider())
@@ -403,6 +418,31 @@ mod tests {
         let client = pki.client_naming_two_pools("a", "b", "alice");
         let err = proxy::identify::identify(client.issued.cert_der()).unwrap_err();
         assert_eq!(err, proxy::identify::IdentifyError::SeveralPoolUris);
+    }
+
+    #[test]
+    fn backend_certs_chain_to_the_backend_ca_and_not_to_client_cas() {
+        let pki = TestPki::new().pool("a");
+        let now = rustls::pki_types::UnixTime::now();
+        let gateway = pki.backend_client();
+        let backend_verifier = client_verifier(pki.local().backend_ca());
+        backend_verifier
+            .verify_client_cert(gateway.cert_der(), &[], now)
+            .unwrap();
+        // A pool's client certificate cannot reach buildkitd directly.
+        let alice = pki.client("a", "alice");
+        assert!(
+            backend_verifier
+                .verify_client_cert(alice.issued.cert_der(), &[], now)
+                .is_err()
+        );
+        let server = pki.backend_server(&["127.0.0.1"]);
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let verifier = server_verifier(pki.local().backend_ca());
+        use rustls::client::danger::ServerCertVerifier;
+        verifier
+            .verify_server_cert(server.cert_der(), &[], &name, &[], now)
+            .unwrap();
     }
 
     #[test]
