@@ -132,7 +132,7 @@ build() {
     if [[ $BUILD == 1 ]]; then
         log "building loadgen and bkpool (release)"
         (cd "$REPO" && cargo build --release -j "${CARGO_BUILD_JOBS:-2}" \
-            -p bkpool-loadgen --bin loadgen --bin bkpool)
+            -p bkpool -p bkpool-loadgen --bin bkpool --bin loadgen)
     fi
     LOADGEN=$TARGET_DIR/release/loadgen
     BKPOOL=$TARGET_DIR/release/bkpool
