@@ -444,8 +444,10 @@ run_one() {
     limit=$(awk -v s="$RUN_SECONDS" -v n="$IDLE_CONNS" 'BEGIN { print int(s + 60 + n / 50) }')
     log "round $round: $scenario via $proxy"
     if timeout "$limit" taskset -c 1 "$LOADGEN" "${args[@]}" >"$dir/load.json" 2>"$dir/load.err"; then
-        printf '{"round":%d,"scenario":"%s","proxy":"%s","result":%s}\n' \
-            "$round" "$scenario" "$proxy" "$(tail -n 1 "$dir/load.json")" >>"$RESULTS"
+        # The 1-minute load average says how busy the machine was around the run.
+        printf '{"round":%d,"scenario":"%s","proxy":"%s","loadavg":%s,"result":%s}\n' \
+            "$round" "$scenario" "$proxy" "$(cut -d' ' -f1 /proc/loadavg)" \
+            "$(tail -n 1 "$dir/load.json")" >>"$RESULTS"
     else
         record_error "$round" "$scenario" "$proxy" "$(tail -c 300 "$dir/load.err")"
     fi
