@@ -437,6 +437,9 @@ run_one() {
         fi
         sleep 0.2 # let nginx fork its worker
         pids=$(pids_of "$proxy_pid")
+        # socat forks one process per connection after this point: its CPU
+        # cannot be read from here, so it reports none rather than zero.
+        [[ $proxy == socat ]] && pids=""
         target=127.0.0.1:$port
     fi
     local args limit

@@ -58,7 +58,7 @@ impl Cell {
 /// The metrics a scenario reports, by its name's prefix.
 fn metrics(scenario: &str) -> &'static [&'static str] {
     match scenario.split('-').next().unwrap_or_default() {
-        "tcp" | "pass" | "tls" | "echo" => &["gbit_per_s", "proxy_cores"],
+        "tcp" | "pass" | "tls" | "echo" => &["gbit_per_s", "gbit_per_proxy_core_s", "proxy_cores"],
         "hs" => &[
             "handshakes_per_proxy_core_s",
             "handshakes_per_s",
@@ -72,6 +72,20 @@ fn metrics(scenario: &str) -> &'static [&'static str] {
             "open_after_idle",
         ],
         _ => &[],
+    }
+}
+
+/// A metric of one result, measured or derived.
+fn value(result: &Value, metric: &str) -> Option<f64> {
+    let field = |name: &str| result.get(name).and_then(Value::as_f64);
+    match metric {
+        // What a byte costs the proxy: steady when a busy machine leaves
+        // the proxy only part of its core, unlike the raw rate.
+        "gbit_per_proxy_core_s" => {
+            let cores = field("proxy_cores").filter(|c| *c > 0.0)?;
+            Some(field("gbit_per_s")? / cores)
+        }
+        _ => field(metric),
     }
 }
 
@@ -114,12 +128,7 @@ impl Table {
             }
             // A metric a run does not have (no proxy CPU on the direct
             // path) is absent, not failed.
-            let value = line
-                .result
-                .as_ref()
-                .and_then(|r| r.get(metric))
-                .and_then(Value::as_f64);
-            if let Some(value) = value {
+            if let Some(value) = line.result.as_ref().and_then(|r| value(r, metric)) {
                 self.cells.entry(key).or_default().values.push(value);
             }
         }
@@ -175,25 +184,22 @@ impl Table {
     /// bkpool's targets, each as met, missed or not measured.
     pub fn targets(&self) -> String {
         let mut out = String::from("| target | bkpool | bar | verdict |\n|---|---:|---:|---|\n");
-        for scenario in ["pass-1", "pass-8"] {
-            self.at_least(
-                &mut out,
-                scenario,
-                BKPOOL_PASSTHROUGH,
-                "gbit_per_s",
-                "haproxy-splice",
-                1.1,
-            );
-        }
-        for scenario in ["tls-1", "tls-8"] {
-            self.at_least(
-                &mut out,
-                scenario,
-                BKPOOL_TERMINATE,
-                "gbit_per_s",
-                "haproxy",
-                1.2,
-            );
+        // Raw rates are the targets; per proxy core-second they survive a
+        // machine busy with other work, so both are shown.
+        for metric in ["gbit_per_s", "gbit_per_proxy_core_s"] {
+            for scenario in ["pass-1", "pass-8"] {
+                self.at_least(
+                    &mut out,
+                    scenario,
+                    BKPOOL_PASSTHROUGH,
+                    metric,
+                    "haproxy-splice",
+                    1.1,
+                );
+            }
+            for scenario in ["tls-1", "tls-8"] {
+                self.at_least(&mut out, scenario, BKPOOL_TERMINATE, metric, "haproxy", 1.2);
+            }
         }
         self.at_least(
             &mut out,
@@ -359,6 +365,21 @@ mod tests {
         assert!(
             targets.contains("tls-8 gbit_per_s ≥ 1.2× haproxy | – | – | not measured |"),
             "{targets}"
+        );
+    }
+
+    #[test]
+    fn throughput_per_proxy_core_is_derived() {
+        let table = Table::from_lines([line(
+            1,
+            "pass-1",
+            "haproxy-splice",
+            serde_json::json!({"gbit_per_s": 8.0, "proxy_cores": 0.5}),
+        )]);
+        let md = table.markdown();
+        assert!(
+            md.contains("| pass-1 | gbit_per_proxy_core_s | haproxy-splice | 16.0 |"),
+            "{md}"
         );
     }
 
