@@ -1,1 +1,8 @@
-//! placeholder
+//! bkpool control plane.
+//!
+//! - [`health`]: replica readiness, a gRPC health check over h2c or (m)TLS.
+//! - [`standin`]: the built-in stand-in backend (gRPC health + raw echo on one port).
+//! - `grpc`: the hand-encoded gRPC frame and `grpc.health.v1` messages.
+mod grpc;
+pub mod health;
+pub mod standin;
