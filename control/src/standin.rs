@@ -224,3 +224,139 @@ impl AsyncWrite for Replay {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::health::probe;
+    use http_body_util::BodyExt;
+    use hyper::client::conn::http2 as client;
+    use std::net::SocketAddr;
+    use tokio::sync::oneshot;
+    use tokio::task::JoinHandle;
+
+    const QUICK: Duration = Duration::from_secs(5);
+
+    struct Running {
+        addr: SocketAddr,
+        stop: oneshot::Sender<()>,
+        task: JoinHandle<()>,
+    }
+
+    async fn start() -> Running {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(serve(listener, async { drop(stopped.await) }));
+        Running { addr, stop, task }
+    }
+
+    #[tokio::test]
+    async fn echo_returns_a_mebibyte_intact_and_honours_half_close() {
+        let standin = start().await;
+        let stream = TcpStream::connect(standin.addr).await.unwrap();
+        let (mut from, mut to) = stream.into_split();
+        let sent: Vec<u8> = (0..1 << 20).map(|i: u32| (i * 7 + i / 251) as u8).collect();
+        let payload = sent.clone();
+        let writer = tokio::spawn(async move {
+            to.write_all(&payload).await.unwrap();
+            to.shutdown().await.unwrap(); // SHUT_WR: the stand-in must finish and close.
+            to
+        });
+        let mut echoed = Vec::new();
+        let read = tokio::time::timeout(QUICK, from.read_to_end(&mut echoed)).await;
+        read.expect("the stand-in closes after echoing everything")
+            .unwrap();
+        let _to = writer.await.unwrap();
+        assert_eq!(echoed.len(), sent.len());
+        assert!(echoed == sent, "echoed bytes differ from the bytes sent");
+    }
+
+    #[tokio::test]
+    async fn a_short_message_is_echoed_without_waiting_for_more() {
+        let standin = start().await;
+        // "PRX" follows the preface for two bytes, then leaves it: echo at once.
+        for message in [&b"hi"[..], b"PRX", b"\0"] {
+            let mut stream = TcpStream::connect(standin.addr).await.unwrap();
+            stream.write_all(message).await.unwrap();
+            let mut back = vec![0; message.len()];
+            let read = tokio::time::timeout(QUICK, stream.read_exact(&mut back)).await;
+            read.expect("echo without more input").unwrap();
+            assert_eq!(back, message);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_preface_fragment_then_half_close_is_echoed() {
+        let standin = start().await;
+        let mut stream = TcpStream::connect(standin.addr).await.unwrap();
+        stream.write_all(b"PRI * HT").await.unwrap();
+        stream.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        tokio::time::timeout(QUICK, stream.read_to_end(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(back, b"PRI * HT");
+    }
+
+    #[tokio::test]
+    async fn health_and_echo_share_one_port() {
+        let standin = start().await;
+        assert_eq!(probe(standin.addr, QUICK).await.unwrap(), Health::Serving);
+        let mut stream = TcpStream::connect(standin.addr).await.unwrap();
+        stream.write_all(b"ping").await.unwrap();
+        let mut back = [0; 4];
+        stream.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"ping");
+    }
+
+    #[tokio::test]
+    async fn other_grpc_methods_are_unimplemented_trailers_only() {
+        let standin = start().await;
+        let tcp = TcpStream::connect(standin.addr).await.unwrap();
+        let (mut send, connection) = client::Builder::new(TokioExecutor::new())
+            .handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let request = Request::post("http://backend/moby.buildkit.v1.Control/ListWorkers")
+            .header(header::CONTENT_TYPE, grpc::CONTENT_TYPE)
+            .header(header::TE, "trailers")
+            .body(Full::new(grpc::frame(&[])))
+            .unwrap();
+        let response = send.send_request(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["grpc-status"], "12");
+        assert_eq!(response.headers()[header::CONTENT_TYPE], grpc::CONTENT_TYPE);
+        let body = response.into_body().collect().await.unwrap();
+        assert!(
+            body.trailers().is_none(),
+            "trailers-only: no separate trailers"
+        );
+        assert!(body.to_bytes().is_empty());
+    }
+
+    #[tokio::test]
+    async fn shutdown_stops_accepting_and_ends_connections() {
+        let standin = start().await;
+        let mut open = TcpStream::connect(standin.addr).await.unwrap();
+        open.write_all(b"x").await.unwrap();
+        open.read_exact(&mut [0; 1]).await.unwrap();
+        standin.stop.send(()).unwrap();
+        tokio::time::timeout(QUICK, standin.task)
+            .await
+            .unwrap()
+            .unwrap();
+        let refused = TcpStream::connect(standin.addr).await.unwrap_err();
+        assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+        let mut rest = Vec::new();
+        let ended = tokio::time::timeout(QUICK, open.read_to_end(&mut rest))
+            .await
+            .unwrap();
+        assert!(
+            ended.is_ok() && rest.is_empty(),
+            "open connection closed: {ended:?}"
+        );
+    }
+}
