@@ -174,6 +174,7 @@ where
     let _connection = AbortOnDrop(tokio::spawn(async move {
         let _ = connection.await;
     }));
+    send.ready().await.map_err(fail)?;
     let response = send
         .send_request(health_request(addr, transport))
         .await

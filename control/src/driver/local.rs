@@ -133,7 +133,9 @@ impl LocalDriver {
         }
     }
 
-    /// Starts one replica of `pool`. It is not ready yet: probe `addr` until it answers.
+    /// Starts one replica of `pool` on a free port of the range, with `spec`'s placeholders
+    /// filled in. The process is running when this returns, but not ready: probe
+    /// [`Replica::addr`] until it answers.
     pub async fn start(&self, pool: &PoolId, spec: &ProcessSpec) -> Result<Replica, DriverError> {
         let reservation = self.reserve(pool)?;
         let (id, port) = (reservation.id, reservation.port);
@@ -193,8 +195,8 @@ impl LocalDriver {
         Ok(())
     }
 
-    /// Stops every replica of every pool, concurrently. Returns the first error, after
-    /// trying them all.
+    /// Stops every replica of every pool, concurrently (for shutdown, once nothing starts
+    /// replicas any more). Returns the first error, after trying them all.
     pub async fn stop_all(&self) -> Result<(), DriverError> {
         let mut stops = tokio::task::JoinSet::new();
         for replica in self.replicas() {
@@ -252,6 +254,9 @@ impl LocalDriver {
     /// The next port of the range, round robin, that no replica holds and that binds now.
     fn free_port(&self, slots: &HashMap<Key, Slot>) -> Option<u16> {
         let ports = &self.inner.ports;
+        if ports.is_empty() {
+            return None;
+        }
         let taken: Vec<u16> = slots.values().map(Slot::port).collect();
         let mut next = self.inner.next_port.lock().expect("port cursor lock");
         let len = usize::from(ports.end() - ports.start()) + 1;
@@ -724,6 +729,30 @@ mod tests {
         driver.stop(&first).await.unwrap(); // a stale handle stops nothing
         assert!(driver.is_running(&second));
         driver.stop_all().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn concurrent_starts_take_distinct_slots_and_ports() {
+        let (driver, _dir, _) = driver();
+        let spec = sh("exec sleep 100", QUICK);
+        let pool = pool("a");
+        let (a, b) = tokio::join!(driver.start(&pool, &spec), driver.start(&pool, &spec));
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_ne!(a.id, b.id);
+        assert_ne!(a.addr, b.addr);
+        driver.stop_all().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn dropping_the_driver_kills_its_replicas() {
+        let (driver, _dir, _) = driver();
+        let replica = driver
+            .start(&pool("a"), &sh("exec sleep 100", QUICK))
+            .await
+            .unwrap();
+        assert!(alive(replica.pid));
+        drop(driver);
+        eventually("the replica died with its driver", || !alive(replica.pid)).await;
     }
 
     /// Set to a state directory, it turns [`helper_bkpool_holding_a_replica`] into a stand-in

@@ -37,7 +37,11 @@ impl Spawner {
             .spawn(move || {
                 let _runtime = runtime.enter();
                 for job in queue {
-                    let _ = job.reply.send(spawn(job.command));
+                    // Nobody waits for it any more (start() was cancelled): a process nobody
+                    // tracks would hold its port until bkpool exits, so end it now.
+                    if let Err(Ok(mut unwanted)) = job.reply.send(spawn(job.command)) {
+                        let _ = unwanted.start_kill();
+                    }
                 }
             })?;
         Ok(Spawner { jobs })
