@@ -810,6 +810,52 @@ mod tests {
         panic!("the helper exited without printing a replica pid");
     }
 
+    const STANDIN_ENV: &str = "BKPOOL_TEST_STANDIN_ADDR";
+    const STANDIN_TEST: &str = "driver::local::tests::helper_standin_replica";
+
+    /// Set to an address, it turns [`helper_standin_replica`] into a stand-in backend process.
+    #[test]
+    fn helper_standin_replica() {
+        let Some(addr) = std::env::var_os(STANDIN_ENV) else {
+            return; // only meaningful when started as a replica by the test below
+        };
+        let addr: SocketAddr = addr.to_str().unwrap().parse().unwrap();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+            crate::standin::serve(listener, std::future::pending()).await
+        });
+    }
+
+    #[tokio::test]
+    async fn a_started_replica_becomes_ready_and_stops() {
+        let (driver, _dir, _) = driver();
+        let spec = ProcessSpec {
+            program: std::env::current_exe().unwrap(),
+            args: ["--exact", STANDIN_TEST, "--nocapture", "--test-threads=1"]
+                .map(String::from)
+                .into(),
+            env: vec![(STANDIN_ENV.into(), "{addr}".into())],
+            grace: QUICK,
+        };
+        let started = Instant::now();
+        let replica = driver.start(&pool("a"), &spec).await.unwrap();
+        let probe = || crate::health::probe(replica.addr, Duration::from_millis(500));
+        let ready = loop {
+            match probe().await {
+                Ok(health) => break health,
+                Err(error) => assert!(started.elapsed() < QUICK, "never ready: {error}"),
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert_eq!(ready, crate::health::Health::Serving);
+        eprintln!("replica ready {:?} after start", started.elapsed());
+
+        driver.stop(&replica).await.unwrap();
+        let error = probe().await.unwrap_err();
+        assert_eq!(error.reason(), "refused", "{error}");
+    }
+
     /// The pids whose parent is `pid`.
     fn children_of(pid: u32) -> Vec<u32> {
         let path = format!("/proc/{pid}/task/{pid}/children");
