@@ -115,7 +115,8 @@ impl LocalDriver {
     /// ports from `ports`. Must be called within a tokio runtime, which reaps the replicas.
     ///
     /// # Panics
-    /// If the spawner thread cannot be started (the process is out of threads).
+    /// Outside a tokio runtime, or if the spawner thread cannot be started (the process is
+    /// out of threads).
     pub fn new(state_dir: PathBuf, ports: RangeInclusive<u16>) -> Self {
         let runtime = tokio::runtime::Handle::current();
         let spawner = Spawner::start(runtime).expect("start the replica spawner thread");
