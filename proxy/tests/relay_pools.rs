@@ -10,24 +10,35 @@ use tokio::net::{TcpListener, TcpStream};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_hold_no_buffers_or_pipes() {
-    let settings = Settings { idle_timeout: Duration::from_secs(60) };
+    let settings = Settings {
+        idle_timeout: Duration::from_secs(60),
+    };
 
     // Splice: a destination that does not read keeps the relay's pipe full and lent out.
     let (mut client, gw_client) = connected().await;
     let (gw_backend, mut backend) = connected().await;
     let s = settings.clone();
-    let splice = tokio::spawn(async move { relay::splice(gw_client, gw_backend, &s, &NoTally).await });
+    let splice =
+        tokio::spawn(async move { relay::splice(gw_client, gw_backend, &s, &NoTally).await });
     let mut big = vec![7u8; 8 << 20];
     let writer = tokio::spawn(async move {
         client.write_all(&big).await.unwrap();
         big.clear();
         client
     });
-    eventually(|s| s.pipes_outstanding == 1, "a blocked destination keeps its pipe").await;
+    eventually(
+        |s| s.pipes_outstanding == 1,
+        "a blocked destination keeps its pipe",
+    )
+    .await;
     let mut sink = vec![0; 8 << 20];
     backend.read_exact(&mut sink).await.unwrap();
     let mut client = writer.await.unwrap();
-    eventually(|s| s == pool::PoolStats::default(), "an idle spliced connection holds nothing").await;
+    eventually(
+        |s| s == pool::PoolStats::default(),
+        "an idle spliced connection holds nothing",
+    )
+    .await;
 
     // Copy over TLS: the same, with buffers.
     let (tls_client, gw_tls) = tls_pair().await;
@@ -40,13 +51,21 @@ async fn idle_connections_hold_no_buffers_or_pipes() {
         tls_tx.flush().await.unwrap();
         tls_tx
     });
-    eventually(|s| s.buffers_outstanding == 1, "a blocked destination keeps its buffer").await;
+    eventually(
+        |s| s.buffers_outstanding == 1,
+        "a blocked destination keeps its buffer",
+    )
+    .await;
     plain_backend.read_exact(&mut sink).await.unwrap();
     plain_backend.write_all(b"answer").await.unwrap();
     let mut answer = [0; 6];
     tls_rx.read_exact(&mut answer).await.unwrap();
     let tls_tx = writer.await.unwrap();
-    eventually(|s| s == pool::PoolStats::default(), "idle connections hold nothing").await;
+    eventually(
+        |s| s == pool::PoolStats::default(),
+        "idle connections hold nothing",
+    )
+    .await;
 
     // Both connections are still open and idle; closing them ends both relays cleanly.
     client.shutdown().await.unwrap();
@@ -81,7 +100,10 @@ impl Tally for NoTally {
 
 async fn connected() -> (TcpStream, TcpStream) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (near, far) = tokio::join!(TcpStream::connect(listener.local_addr().unwrap()), listener.accept());
+    let (near, far) = tokio::join!(
+        TcpStream::connect(listener.local_addr().unwrap()),
+        listener.accept()
+    );
     (near.unwrap(), far.unwrap().0)
 }
 
