@@ -348,23 +348,36 @@ struct Joint {
 }
 
 impl Joint {
-    /// Polls direction `dir` unless it already ended; returns the relay's result once known.
+    /// Polls each direction that has not ended; ready with the relay's result once known.
+    fn poll(
+        &mut self,
+        meter: &Meter<'_>,
+        mut poll: impl FnMut(Direction) -> Poll<Result<(), Stop>>,
+    ) -> Poll<Result<(), Stop>> {
+        for dir in [Direction::Inbound, Direction::Outbound] {
+            if self.ended[dir as usize].is_some() {
+                continue;
+            }
+            if let Poll::Ready(result) = poll(dir)
+                && let Some(end) = self.ended(dir, result, meter)
+            {
+                return Poll::Ready(end);
+            }
+        }
+        Poll::Pending
+    }
+
+    /// Records how `dir` ended; returns the relay's result once it is known.
     ///
     /// A reset found while writing (the destination is gone) lets the other direction,
     /// which reads from that socket, deliver what it still holds before the relay ends.
     /// Any other failure ends the relay at once.
-    fn poll(
+    fn ended(
         &mut self,
         dir: Direction,
+        result: Result<(), Stop>,
         meter: &Meter<'_>,
-        poll: impl FnOnce() -> Poll<Result<(), Stop>>,
     ) -> Option<Result<(), Stop>> {
-        if self.ended[dir as usize].is_some() {
-            return None;
-        }
-        let Poll::Ready(result) = poll() else {
-            return None;
-        };
         match result {
             Err(Stop::Reset(reset)) if reset != dir => meter.reset_seen.store(true, Relaxed),
             Err(stop) => return Some(Err(stop)),

@@ -21,7 +21,6 @@ use std::future::{Future, poll_fn};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::pin::pin;
-use std::task::Poll;
 
 use socket2::SockRef;
 use tokio::io::Interest;
@@ -75,13 +74,10 @@ pub(super) async fn duplex(
     let mut outbound = pin!(pump(backend, client, Direction::Outbound, meter));
     let mut joint = Joint::default();
     poll_fn(|cx| {
-        if let Some(end) = joint.poll(Direction::Inbound, meter, || inbound.as_mut().poll(cx)) {
-            return Poll::Ready(end);
-        }
-        if let Some(end) = joint.poll(Direction::Outbound, meter, || outbound.as_mut().poll(cx)) {
-            return Poll::Ready(end);
-        }
-        Poll::Pending
+        joint.poll(meter, |dir| match dir {
+            Direction::Inbound => inbound.as_mut().poll(cx),
+            Direction::Outbound => outbound.as_mut().poll(cx),
+        })
     })
     .await
 }

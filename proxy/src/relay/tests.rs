@@ -376,6 +376,56 @@ async fn tune_sets_nodelay_and_keepalive() {
 }
 
 #[test]
+fn a_reset_found_while_writing_waits_for_the_direction_reading_that_socket() {
+    let counts = Counts::default();
+    let meter = Meter::new(&counts);
+    let mut joint = Joint::default();
+    // Writing to the backend failed: the backend (source of Outbound) was reset.
+    let first = joint.ended(
+        Direction::Inbound,
+        Err(Stop::Reset(Direction::Outbound)),
+        &meter,
+    );
+    assert!(first.is_none(), "outbound may still owe the client bytes");
+    assert!(meter.reset_seen());
+    // Outbound delivers what it read, then reports the reset it finds.
+    let end = joint.ended(
+        Direction::Outbound,
+        Err(Stop::Reset(Direction::Outbound)),
+        &meter,
+    );
+    assert!(
+        matches!(end, Some(Err(Stop::Reset(Direction::Outbound)))),
+        "{end:?}"
+    );
+}
+
+#[test]
+fn a_reset_read_or_a_failure_ends_the_relay_at_once() {
+    let counts = Counts::default();
+    let meter = Meter::new(&counts);
+    let mut joint = Joint::default();
+    let end = joint.ended(
+        Direction::Outbound,
+        Err(Stop::Reset(Direction::Outbound)),
+        &meter,
+    );
+    assert!(
+        matches!(end, Some(Err(Stop::Reset(Direction::Outbound)))),
+        "{end:?}"
+    );
+    let mut joint = Joint::default();
+    assert!(joint.ended(Direction::Inbound, Ok(()), &meter).is_none());
+    let failed = Stop::Error(RelayError::Backend(io::ErrorKind::TimedOut.into()));
+    let end = joint.ended(Direction::Outbound, Err(failed), &meter);
+    assert!(
+        matches!(end, Some(Err(Stop::Error(RelayError::Backend(_))))),
+        "{end:?}"
+    );
+    assert!(!meter.reset_seen());
+}
+
+#[test]
 fn labels_are_fixed_strings() {
     assert_eq!(Direction::Inbound.as_str(), "inbound");
     assert_eq!(Direction::Outbound.reverse(), Direction::Inbound);
