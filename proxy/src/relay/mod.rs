@@ -166,6 +166,16 @@ impl Leg for tokio_rustls::client::TlsStream<TcpStream> {
     }
 }
 
+/// Lets a gateway hold either kind of client leg behind one type.
+impl<L: Leg + ?Sized> Leg for Box<L> {
+    fn socket(&self) -> &TcpStream {
+        (**self).socket()
+    }
+    fn buffers_plaintext(&self) -> bool {
+        (**self).buffers_plaintext()
+    }
+}
+
 /// Relays a plaintext TCP pair with splice(2) until both directions end, one side resets or
 /// fails, or nothing moves for `idle_timeout`.
 pub async fn splice(

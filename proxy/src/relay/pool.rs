@@ -1,6 +1,6 @@
 //! Copy buffers and splice pipes for the relay, lent only while bytes move.
 //!
-//! An idle connection must hold neither: the relay borrows a [`Buffer`] or a [`PipeLease`]
+//! An idle connection must hold neither: the relay borrows a [`Buffer`] or a pipe
 //! when its source has bytes and hands it back as soon as the source would block with
 //! nothing left in it. Both pools are thread-local stacks (no lock, no contention), bounded
 //! per thread (the excess is freed), and count what is lent out process-wide so tests and
