@@ -355,6 +355,9 @@ impl<'a> Meter<'a> {
 #[derive(Default)]
 struct Joint {
     ended: [Option<Result<(), Stop>>; 2],
+    /// Polled first on the next wake-up; alternates, so a direction that is always ready
+    /// cannot spend the task's whole cooperative budget every time and starve the other.
+    outbound_first: bool,
 }
 
 impl Joint {
@@ -364,7 +367,13 @@ impl Joint {
         meter: &Meter<'_>,
         mut poll: impl FnMut(Direction) -> Poll<Result<(), Stop>>,
     ) -> Poll<Result<(), Stop>> {
-        for dir in [Direction::Inbound, Direction::Outbound] {
+        let first = if self.outbound_first {
+            Direction::Outbound
+        } else {
+            Direction::Inbound
+        };
+        self.outbound_first = !self.outbound_first;
+        for dir in [first, first.reverse()] {
             if self.ended[dir as usize].is_some() {
                 continue;
             }

@@ -144,6 +144,53 @@ async fn tiny_writes_go_through_one_byte_at_a_time() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_direction_does_not_hold_up_the_other() {
+    for rig in [
+        Rig::Splice,
+        Rig::Copy {
+            client_tls: true,
+            backend_tls: false,
+        },
+    ] {
+        let relay = Relay::start(rig, Duration::from_secs(60)).await;
+        let (mut client_rx, mut client_tx) = tokio::io::split(relay.client);
+        let (mut backend_rx, mut backend_tx) = tokio::io::split(relay.backend);
+        let upload = tokio::spawn(async move {
+            let chunk = vec![0u8; 64 << 10];
+            for _ in 0..512 {
+                client_tx.write_all(&chunk).await.unwrap();
+            }
+            client_tx
+        });
+        let sink = tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 << 10];
+            while backend_rx.read(&mut buf).await.unwrap() != 0 {}
+        });
+        // While 32 MiB go up, small messages come down without waiting for the upload.
+        for i in 0..20u8 {
+            backend_tx.write_all(&[i; 100]).await.unwrap();
+            let mut got = [0; 100];
+            timeout(Duration::from_millis(500), client_rx.read_exact(&mut got))
+                .await
+                .unwrap_or_else(|_| panic!("{rig:?}: message {i} held up"))
+                .unwrap();
+            assert_eq!(got, [i; 100]);
+        }
+        let mut client_tx = upload.await.unwrap();
+        client_tx.shutdown().await.unwrap();
+        sink.await.unwrap();
+        backend_tx.shutdown().await.unwrap();
+        let outcome = relay.outcome.await.unwrap();
+        assert!(matches!(outcome.end, End::Finished), "{rig:?}: {outcome:?}");
+        assert_eq!(
+            (outcome.inbound, outcome.outbound),
+            (32 << 20, 2000),
+            "{rig:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn tls_client_closing_tcp_without_close_notify_counts_as_eof() {
     let mut relay = Relay::start(
@@ -423,6 +470,26 @@ fn a_reset_read_or_a_failure_ends_the_relay_at_once() {
         "{end:?}"
     );
     assert!(!meter.reset_seen());
+}
+
+#[test]
+fn directions_take_turns_being_polled_first() {
+    let counts = Counts::default();
+    let meter = Meter::new(&counts);
+    let mut joint = Joint::default();
+    let mut order = Vec::new();
+    for _ in 0..3 {
+        let polled = joint.poll(&meter, |dir| {
+            order.push(dir);
+            Poll::Pending
+        });
+        assert!(polled.is_pending());
+    }
+    use Direction::*;
+    assert_eq!(
+        order,
+        [Inbound, Outbound, Outbound, Inbound, Inbound, Outbound]
+    );
 }
 
 #[test]
