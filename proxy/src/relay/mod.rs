@@ -101,8 +101,6 @@ pub enum RelayError {
     Client(#[source] io::Error),
     #[error("backend connection failed: {0}")]
     Backend(#[source] io::Error),
-    #[error("no pipe for splice: {0}")]
-    Pipe(#[source] io::Error),
 }
 
 impl RelayError {
@@ -111,7 +109,6 @@ impl RelayError {
         match self {
             Self::Client(_) => "client_io",
             Self::Backend(_) => "backend_io",
-            Self::Pipe(_) => "pipe",
         }
     }
 }
@@ -185,7 +182,8 @@ pub async fn splice(
     tally: &dyn Tally,
 ) -> Outcome {
     let meter = Meter::new(tally);
-    let end = run(splice::duplex(&client, &backend, &meter), &meter, settings).await;
+    let duplex = splice::duplex(&client, &backend, &meter, pool::PipeLease::take);
+    let end = run(duplex, &meter, settings).await;
     conclude(end, &client, &backend, &meter)
 }
 
@@ -281,10 +279,6 @@ impl Stop {
         } else {
             Self::side(failed.source(), e)
         }
-    }
-
-    fn pipe(e: io::Error) -> Self {
-        Self::Error(RelayError::Pipe(e))
     }
 
     fn side(side: Side, e: io::Error) -> Self {

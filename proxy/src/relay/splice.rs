@@ -11,7 +11,8 @@
 //! socket is drained, and `try_io` may clear its readiness. Splicing into a full pipe is
 //! thus impossible by construction. A destination that would block keeps the (non-empty)
 //! pipe while it waits for `writable()`; a pipe whose destination failed is closed, never
-//! pooled.
+//! pooled. When no pipe can be had (out of fds, or of the user's pipe budget), a burst goes
+//! through a pooled buffer instead of failing the connection.
 //!
 //! splice(2) to a reset socket can raise SIGPIPE; the Rust runtime ignores SIGPIPE in every
 //! binary it starts, so the error comes back as EPIPE instead.
@@ -26,7 +27,7 @@ use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use super::pool::PipeLease;
+use super::pool::{Buffer, PipeLease};
 use super::{Direction, Joint, Meter, Path, Stop};
 
 /// Pipe capacity asked for with F_SETPIPE_SZ (the default `pipe-max-size`). On loopback,
@@ -64,14 +65,18 @@ impl RawPipe {
     }
 }
 
+/// Where a pump gets its pipes (tests pass one that always fails).
+pub(super) type Pipes = fn() -> io::Result<PipeLease>;
+
 /// Splices both ways until both directions have ended or one fails.
 pub(super) async fn duplex(
     client: &TcpStream,
     backend: &TcpStream,
     meter: &Meter<'_>,
+    pipes: Pipes,
 ) -> Result<(), Stop> {
-    let mut inbound = pin!(pump(client, backend, Direction::Inbound, meter));
-    let mut outbound = pin!(pump(backend, client, Direction::Outbound, meter));
+    let mut inbound = pin!(pump(client, backend, Direction::Inbound, meter, pipes));
+    let mut outbound = pin!(pump(backend, client, Direction::Outbound, meter, pipes));
     let mut joint = Joint::default();
     poll_fn(|cx| {
         joint.poll(meter, |dir| match dir {
@@ -83,17 +88,26 @@ pub(super) async fn duplex(
 }
 
 /// Moves `src` → `dst` until `src` ends (then shuts down `dst`'s write side) or fails.
-pub(super) async fn pump(
+async fn pump(
     src: &TcpStream,
     dst: &TcpStream,
     dir: Direction,
     meter: &Meter<'_>,
+    pipes: Pipes,
 ) -> Result<(), Stop> {
     loop {
         // No pipe is held while the source is quiet.
         src.readable().await.map_err(|e| Stop::on_read(dir, e))?;
-        let mut pipe = PipeLease::take().map_err(Stop::pipe)?;
-        if let Drained::Eof = move_while_ready(src, dst, &mut pipe, dir, meter).await? {
+        let burst = match pipes() {
+            Ok(mut pipe) => move_while_ready(src, dst, &mut pipe, dir, meter).await?,
+            // Out of fds or pipe budget: this burst goes through a buffer, and the
+            // connection survives (it shows as copy bytes on a spliced pool).
+            Err(e) => {
+                tracing::debug!(error = %e, "no pipe for splice, copying instead");
+                copy_while_ready(src, dst, dir, meter).await?
+            }
+        };
+        if let Drained::Eof = burst {
             break;
         }
     }
@@ -138,6 +152,38 @@ async fn move_while_ready(
         drain(dst, pipe, dir, meter).await?;
         // try_io does not count against tokio's cooperative budget; without this, two
         // sockets that are always ready would keep this worker from everything else.
+        tokio::task::consume_budget().await;
+    }
+}
+
+/// Moves bytes through a pooled buffer until the source would block or ends.
+async fn copy_while_ready(
+    src: &TcpStream,
+    dst: &TcpStream,
+    dir: Direction,
+    meter: &Meter<'_>,
+) -> Result<Drained, Stop> {
+    let mut buf = Buffer::take();
+    loop {
+        let end = match src.try_read(&mut buf) {
+            Ok(0) => return Ok(Drained::Eof),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Drained::WouldBlock),
+            Err(e) => return Err(Stop::on_read(dir, e)),
+        };
+        let mut pos = 0;
+        while pos < end {
+            match dst.try_write(&buf[pos..end]) {
+                Ok(n) => {
+                    pos += n;
+                    meter.moved(dir, Path::Copy, n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    dst.writable().await.map_err(|e| Stop::on_write(dir, e))?;
+                }
+                Err(e) => return Err(Stop::on_write(dir, e)),
+            }
+        }
         tokio::task::consume_budget().await;
     }
 }
