@@ -11,11 +11,14 @@
 //!   lazily re-armed timer per connection;
 //! - borrow buffers and pipes only while bytes move ([`pool`]), so idle connections,
 //!   which are most of them (a BuildKit `RUN` step can keep a session silent for an
-//!   hour), cost sockets and nothing else.
+//!   hour), cost their sockets (and TLS state) and nothing else.
+//!
+//! `splice.rs` holds the relay's only `unsafe` (splice(2), pipes);
+//! `copy.rs` the buffered path; [`pool`] the buffers and pipes.
 
-pub mod copy;
+mod copy;
 pub mod pool;
-pub mod splice;
+mod splice;
 
 use std::future::Future;
 use std::io;
