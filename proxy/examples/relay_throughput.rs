@@ -1,8 +1,10 @@
 //! Single-connection loopback throughput of each relay path, one direction at a time.
 //!
-//! `cargo run --release -p bkpool-proxy --example relay_throughput [MiB]`: a client writes
-//! MiB (default 2048) through the relay to a backend that discards them. A quick check,
-//! not a benchmark: run it on a quiet machine and read the figures as indicative.
+//! `cargo run --release -p bkpool-proxy --example relay_throughput [MiB] [rounds]`: a client
+//! writes MiB (default 512) through the relay to a backend that discards them, best of
+//! `rounds` (default 5). The relay runs alone on its own thread and runtime, so its CPU
+//! time per GiB is measured apart from the test's writer and reader; on a shared machine
+//! that figure is steadier than the wall-clock rate. A quick check, not a benchmark.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,6 +12,13 @@ use std::time::{Duration, Instant};
 use proxy::relay::{self, Direction, Path, Settings, Tally};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Splice,
+    CopyTcp,
+    CopyTls,
+}
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
@@ -20,77 +29,73 @@ async fn main() {
         .nth(2)
         .map_or(5, |a| a.parse().expect("rounds"));
     let bytes = mib << 20;
-    // Best of several rounds, paths interleaved: on a shared machine the best round is the
-    // one least disturbed by others.
-    let mut best = [(Duration::MAX, Duration::MAX); 4];
+    let tls = Tls::new();
+    let kinds = [Kind::Splice, Kind::CopyTcp, Kind::CopyTls];
+    // Best of several rounds, kinds interleaved: the best round is the least disturbed.
+    let mut best = [(Duration::MAX, Duration::MAX); 3];
     for _ in 0..rounds {
-        for (path, best) in best.iter_mut().enumerate() {
-            let (took, cpu) = one(path, bytes).await;
-            *best = (best.0.min(took), best.1.min(cpu));
+        for (kind, best) in kinds.iter().zip(best.iter_mut()) {
+            let (wall, cpu) = one(*kind, bytes, &tls).await;
+            *best = (best.0.min(wall), best.1.min(cpu));
         }
     }
-    let names = [
-        "splice   tcp → tcp",
-        "copy     tcp → tcp",
-        "copy     tls → tcp",
-        "no relay tcp → tcp",
-    ];
-    for (name, best) in names.iter().zip(best) {
-        report(name, bytes, best);
+    for (kind, (wall, cpu)) in kinds.iter().zip(best) {
+        let gbps = bytes as f64 / wall.as_secs_f64() / 1e9;
+        let cpu_per_gib = cpu.as_secs_f64() / (bytes as f64 / (1u64 << 30) as f64);
+        println!(
+            "{kind:?}: {gbps:5.2} GB/s, relay {cpu_per_gib:4.2} CPU s/GiB ({mib} MiB in {wall:.2?})"
+        );
     }
 }
 
-/// One transfer through relay path number `path`.
-async fn one(path: usize, bytes: usize) -> (Duration, Duration) {
-    let settings = Settings {
-        idle_timeout: Duration::from_secs(60),
-    };
+/// One transfer through the relay; returns wall time and the relay thread's CPU time.
+async fn one(kind: Kind, bytes: usize, tls: &Tls) -> (Duration, Duration) {
+    let (client, gw_client) = connected().await;
     let (gw_backend, backend) = connected().await;
-    match path {
-        0 => {
-            let (client, gw_client) = connected().await;
-            let run = tokio::spawn(async move {
-                relay::splice(gw_client, gw_backend, &settings, &NoTally).await
-            });
-            let took = pump(client, backend, bytes).await;
-            run.await.unwrap();
-            took
-        }
-        1 => {
-            let (client, gw_client) = connected().await;
-            let run = tokio::spawn(async move {
-                relay::copy(gw_client, gw_backend, &settings, &NoTally).await
-            });
-            let took = pump(client, backend, bytes).await;
-            run.await.unwrap();
-            took
-        }
-        2 => {
-            let (client, gw_client) = tls_pair().await;
-            let run = tokio::spawn(async move {
-                relay::copy(gw_client, gw_backend, &settings, &NoTally).await
-            });
-            let took = pump(client, backend, bytes).await;
-            run.await.unwrap();
-            took
-        }
-        _ => {
-            drop(gw_backend);
-            let (client, backend) = connected().await;
+    let gw_client = gw_client.into_std().unwrap();
+    let gw_backend = gw_backend.into_std().unwrap();
+    let acceptor = tls.acceptor.clone();
+    let relay = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let client = TcpStream::from_std(gw_client).unwrap();
+            let backend = TcpStream::from_std(gw_backend).unwrap();
+            let settings = Settings {
+                idle_timeout: Duration::from_secs(60),
+            };
+            let start = thread_cpu();
+            match kind {
+                Kind::Splice => relay::splice(client, backend, &settings, &NoTally).await,
+                Kind::CopyTcp => relay::copy(client, backend, &settings, &NoTally).await,
+                Kind::CopyTls => {
+                    let client = acceptor.accept(client).await.unwrap();
+                    relay::copy(client, backend, &settings, &NoTally).await
+                }
+            };
+            thread_cpu() - start
+        })
+    });
+    let wall = match kind {
+        Kind::CopyTls => {
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let client = tls.connector.connect(name, client).await.unwrap();
             pump(client, backend, bytes).await
         }
-    }
+        _ => pump(client, backend, bytes).await,
+    };
+    (wall, relay.join().unwrap())
 }
 
-/// Writes `bytes` into `client` while `backend` reads them; returns the elapsed wall and
-/// process CPU time (CPU includes the test's own writer and reader).
-async fn pump<C, B>(mut client: C, mut backend: B, bytes: usize) -> (Duration, Duration)
+/// Writes `bytes` into `client` while `backend` reads them; returns the elapsed time.
+async fn pump<C, B>(mut client: C, mut backend: B, bytes: usize) -> Duration
 where
     C: AsyncWrite + Unpin + Send + 'static,
     B: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let start = Instant::now();
-    let cpu = cpu_time();
     let writer = tokio::spawn(async move {
         let chunk = vec![0x5a; 256 << 10];
         let mut left = bytes;
@@ -115,21 +120,12 @@ where
     backend.shutdown().await.unwrap();
     drop(writer.await.unwrap());
     assert_eq!(got, bytes);
-    (start.elapsed(), cpu_time() - cpu)
+    start.elapsed()
 }
 
-fn report(what: &str, bytes: usize, (took, cpu): (Duration, Duration)) {
-    let gbps = bytes as f64 / took.as_secs_f64() / 1e9;
-    let cpu_per_gib = cpu.as_secs_f64() / (bytes as f64 / (1u64 << 30) as f64);
-    println!(
-        "{what}: {gbps:5.2} GB/s, {cpu_per_gib:4.2} CPU s/GiB ({} MiB in {took:.2?})",
-        bytes >> 20
-    );
-}
-
-/// User + system CPU time of this process so far (from /proc, in clock ticks of 10 ms).
-fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+/// User + system CPU time of the calling thread (from /proc, in ticks of 10 ms).
+fn thread_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
     let fields: Vec<&str> = stat
         .rsplit_once(')')
         .unwrap()
@@ -160,35 +156,37 @@ async fn connected() -> (TcpStream, TcpStream) {
     (near, far)
 }
 
-/// A TLS connection over loopback: (client side, server side), self-signed `localhost`.
-async fn tls_pair() -> (
-    tokio_rustls::client::TlsStream<TcpStream>,
-    tokio_rustls::server::TlsStream<TcpStream>,
-) {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
-    let key_der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
-    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.der().clone()], key_der)
-        .unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert.der().clone()).unwrap();
-    let client = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let (near, far) = connected().await;
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
-    let (near, far) = tokio::join!(connector.connect(name, near), acceptor.accept(far));
-    (near.unwrap(), far.unwrap())
+/// A self-signed `localhost` server and a client that trusts it.
+struct Tls {
+    acceptor: tokio_rustls::TlsAcceptor,
+    connector: tokio_rustls::TlsConnector,
+}
+
+impl Tls {
+    fn new() -> Self {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let key_der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone()], key_der)
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.der().clone()).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Self {
+            acceptor: Arc::new(server).into(),
+            connector: Arc::new(client).into(),
+        }
+    }
 }
