@@ -947,6 +947,23 @@ mod tests {
         writer.await.unwrap();
     }
 
+    /// Refreshes the rustls ClientHellos in the fuzz seed corpus.
+    #[test]
+    #[ignore = "writes fuzz/corpus; run on purpose with --ignored"]
+    fn write_fuzz_seeds() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/corpus/clienthello");
+        let seeds = [
+            (
+                "seed-rustls-sni-h2",
+                rustls_hello("builders.example.com", &["h2"]),
+            ),
+            ("seed-rustls-ip", rustls_hello("127.0.0.1", &[])),
+        ];
+        for (name, bytes) in seeds {
+            std::fs::write(format!("{dir}/{name}"), bytes).unwrap();
+        }
+    }
+
     #[test]
     fn io_errors_have_their_own_label() {
         let err = ClientHelloError::from(std::io::Error::other("reset"));
