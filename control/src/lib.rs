@@ -1,10 +1,12 @@
 //! bkpool control plane.
 //!
 //! - [`pki`]: CAs, client and server certificates, CSR signing, the local PKI directory.
+//! - [`scale`]: scale to zero and back: the scaler, wake on connect, the driver seam.
 //! - [`health`]: replica readiness, a gRPC health check over h2c or (m)TLS.
 //! - [`standin`]: the built-in stand-in backend (gRPC health + raw echo on one port).
 //! - `grpc`: the hand-encoded gRPC frame and `grpc.health.v1` messages.
 mod grpc;
 pub mod health;
 pub mod pki;
+pub mod scale;
 pub mod standin;
