@@ -174,6 +174,7 @@ where
     let _connection = AbortOnDrop(tokio::spawn(async move {
         let _ = connection.await;
     }));
+    send.ready().await.map_err(fail)?;
     let response = send
         .send_request(health_request(addr, transport))
         .await
@@ -323,7 +324,7 @@ fn error_chain<'a>(
 fn starts_like_settings(b: &[u8]) -> bool {
     let length_ok = b.len() < 3 || {
         let len = u32::from_be_bytes([0, b[0], b[1], b[2]]);
-        len % 6 == 0 && len <= 16_384
+        len.is_multiple_of(6) && len <= 16_384
     };
     let type_ok = b.get(3).is_none_or(|&t| t == 4);
     let flags_ok = b.get(4).is_none_or(|&f| f == 0);

@@ -5,7 +5,9 @@
 //! - [`local_config`]: the `bkpool local` configuration (pools, scaling, replica commands).
 //! - [`health`]: replica readiness, a gRPC health check over h2c or (m)TLS.
 //! - [`standin`]: the built-in stand-in backend (gRPC health + raw echo on one port).
+//! - [`driver`]: starting and stopping replicas (local processes).
 //! - `grpc`: the hand-encoded gRPC frame and `grpc.health.v1` messages.
+pub mod driver;
 mod grpc;
 pub mod health;
 pub mod local_config;

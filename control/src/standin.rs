@@ -41,6 +41,9 @@ impl Default for Config {
     }
 }
 
+/// What an HTTP/2 client sends first (RFC 9113, section 3.4).
+pub const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
 /// Serves `listener` with the default [`Config`] (health SERVING) until `shutdown` completes.
 pub async fn serve(listener: TcpListener, shutdown: impl Future<Output = ()>) {
     serve_with(listener, Config::default(), shutdown).await
@@ -66,9 +69,6 @@ pub async fn serve_with(listener: TcpListener, config: Config, shutdown: impl Fu
         }
     }
 }
-
-/// What an HTTP/2 client sends first (RFC 9113, section 3.4).
-pub const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 async fn handle(mut stream: TcpStream, config: Config) {
     let _ = stream.set_nodelay(true);

@@ -1,0 +1,10 @@
+//! Drivers apply a pool's desired replicas by starting and stopping backends. The scaler
+//! decides how many; a driver only knows how.
+//!
+//! - [`local`]: replicas as local processes (`bkpool local`).
+//! - `spawn`: the one place processes are forked, so that none outlives bkpool.
+
+pub mod local;
+mod spawn;
+
+pub use local::{DriverError, DriverEvent, LocalDriver, ProcessSpec, Replica, ReplicaId};
