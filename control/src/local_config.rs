@@ -9,6 +9,8 @@
 //! ports = "20000-20999"          # loopback ports for replicas
 //! [limits]
 //! max_held = 10000               # connections held for wakes, all pools together
+//! [scaling]
+//! drain_settle = "250ms"         # draining → confirm no connection → stop
 //! [[pool]]
 //! name = "default"
 //! max_cert_ttl = "1h"
@@ -30,7 +32,7 @@ use proxy::config::{
 use proxy::names::{DEFAULT_NAMESPACE, PoolId};
 use serde::Deserialize;
 
-use crate::scale::policy::{DEFAULT_MAX_HELD_TOTAL, Policy};
+use crate::scale::policy::{DEFAULT_MAX_HELD_TOTAL, Policy, Settings};
 
 /// What a pool's replicas run when no configuration file is given.
 pub const DEFAULT_COMMAND: [&str; 5] = ["buildkitd", "--addr", "tcp://{addr}", "--root", "{root}"];
@@ -44,9 +46,9 @@ pub struct LocalConfig {
     pub listen: SocketAddr,
     pub admin: SocketAddr,
     pub limits: Limits,
-    /// Connections held at once across all pools.
-    pub max_held: usize,
     pub timeouts: Timeouts,
+    /// Scaler-wide settings: `[scaling]` and `limits.max_held` (held connections, all pools).
+    pub scaler: Settings,
     /// Loopback ports replicas listen on.
     pub ports: RangeInclusive<u16>,
     pub pools: Vec<LocalPool>,
@@ -190,6 +192,8 @@ struct RawConfig {
     #[serde(default)]
     timeouts: RawTimeouts,
     #[serde(default)]
+    scaling: RawSettings,
+    #[serde(default)]
     pool: Vec<RawPool>,
 }
 
@@ -208,6 +212,14 @@ struct RawTimeouts {
     connect: Option<String>,
     idle: Option<String>,
     drain: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSettings {
+    tick: Option<String>,
+    drain_settle: Option<String>,
+    probe_interval: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -305,6 +317,22 @@ impl Validator {
             idle: self.duration("timeouts.idle", t.idle.as_deref(), d.idle),
             drain: self.duration("timeouts.drain", t.drain.as_deref(), d.drain),
         };
+        let d = Settings::default();
+        let r = &raw.scaling;
+        let scaler = Settings {
+            tick: self.duration("scaling.tick", r.tick.as_deref(), d.tick),
+            drain_settle: self.duration(
+                "scaling.drain_settle",
+                r.drain_settle.as_deref(),
+                d.drain_settle,
+            ),
+            probe_interval: self.duration(
+                "scaling.probe_interval",
+                r.probe_interval.as_deref(),
+                d.probe_interval,
+            ),
+            max_held_total: max_held,
+        };
         let ports = match raw.ports.as_deref() {
             None => DEFAULT_PORTS,
             Some(text) => self.ports(text),
@@ -330,8 +358,8 @@ impl Validator {
             listen,
             admin,
             limits,
-            max_held,
             timeouts,
+            scaler,
             ports,
             pools,
         }
@@ -579,6 +607,8 @@ mod tests {
             ports = "30000-30009"
             [limits]
             max_held = 7
+            [scaling]
+            drain_settle = "2s"
             [[pool]]
             name = "ci"
             namespace = "team"
@@ -598,7 +628,11 @@ mod tests {
             "#,
         )
         .unwrap();
-        assert_eq!((c.ports, c.max_held), (30_000..=30_009, 7));
+        assert_eq!(c.ports, 30_000..=30_009);
+        assert_eq!(
+            (c.scaler.max_held_total, c.scaler.drain_settle),
+            (7, Duration::from_secs(2))
+        );
         let p = &c.pools[0];
         assert_eq!(p.id.as_str(), "team/ci");
         assert_eq!(p.max_cert_ttl, Duration::from_secs(900));

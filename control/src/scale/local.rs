@@ -72,10 +72,12 @@ impl LocalReplicas {
 impl Driver for LocalReplicas {
     fn start<'a>(&'a self, pool: &'a PoolId) -> BoxFuture<'a, Result<Started, DriverError>> {
         Box::pin(async move {
-            let spec = self
-                .specs
-                .get(pool)
-                .ok_or_else(|| DriverError::new("unknown_pool", format!("no replica command for pool {pool}")))?;
+            let spec = self.specs.get(pool).ok_or_else(|| {
+                DriverError::new(
+                    "unknown_pool",
+                    format!("no replica command for pool {pool}"),
+                )
+            })?;
             let replica = self
                 .driver
                 .start(pool, spec)
@@ -96,7 +98,9 @@ impl Driver for LocalReplicas {
         replica: &'a Started,
     ) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(async move {
-            let found = lock(&self.running).get(&(pool.clone(), replica.name.clone())).cloned();
+            let found = lock(&self.running)
+                .get(&(pool.clone(), replica.name.clone()))
+                .cloned();
             let Some(found) = found else {
                 return Ok(()); // already exited
             };

@@ -12,7 +12,7 @@
 //! - [`local`]: the [`Driver`] for local processes.
 
 pub mod driver;
-// pub mod local;
+pub mod local;
 pub mod metrics;
 pub mod policy;
 mod pool;
