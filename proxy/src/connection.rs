@@ -17,7 +17,7 @@ use crate::connect::{self, Connected};
 use crate::gateway::Gateway;
 use crate::handshake::{self, Accepted};
 use crate::names::ClientIdentity;
-use crate::relay::{self, Outcome};
+use crate::relay::{self, Direction, Outcome, Tally};
 use crate::route::PoolRoute;
 
 /// Serves one accepted connection. `_slot` is its place under the global limit.
@@ -98,6 +98,8 @@ pub async fn handle(gateway: &Arc<Gateway>, tcp: TcpStream, peer: SocketAddr, _s
                     tracing::debug!(pool = %pool.id, error = %e, "backend closed before the ClientHello was replayed");
                     return Err("backend_closed");
                 }
+                // The replayed ClientHello is the first of the client's bytes.
+                backend.tally.moved(Direction::Inbound, relay::Path::Copy, hello.len() as u64);
                 drop(hello);
                 Ok(relay::splice(tcp, backend.tcp, &settings(&pool), &backend.tally).await)
             })

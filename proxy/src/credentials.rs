@@ -79,10 +79,12 @@ impl Credentials {
         Ok(Self { server, pools })
     }
 
-    /// The terminate-mode configuration from the current good material; `None` when no
-    /// server certificate is configured (passthrough only).
+    /// The terminate-mode configuration from the current good material; `None` when nothing
+    /// terminates TLS (passthrough only).
     pub fn server_config(&self) -> Result<Option<Arc<ServerConfig>>, TlsError> {
-        if self.server.is_empty() {
+        // No pool terminates TLS without a client CA: then every connection is passthrough
+        // or refused, and an unknown SNI must not start a handshake nobody can finish.
+        if self.server.is_empty() || self.pools.is_empty() {
             return Ok(None);
         }
         let certs: Vec<ServerCert> = self.server.iter().map(|t| t.good.clone()).collect();

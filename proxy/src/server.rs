@@ -96,19 +96,24 @@ pub async fn start(config: &GatewayConfig, options: Options) -> Result<Running, 
     let shutdown = CancellationToken::new();
     let admin_router =
         crate::admin::router(gateway.clone(), registry.clone()).merge(options.admin_routes);
-    let stop = shutdown.clone();
+    // The admin endpoint outlives the drain, so readiness reports it; it stops once the
+    // gateway has closed its last connection.
+    let admin_stop = CancellationToken::new();
+    let serving = gateway
+        .clone()
+        .serve(listener, shutdown.clone().cancelled_owned());
+    let drained = admin_stop.clone();
     let tasks = vec![
-        tokio::spawn(
-            gateway
-                .clone()
-                .serve(listener, stop.clone().cancelled_owned()),
-        ),
+        tokio::spawn(async move {
+            serving.await;
+            drained.cancel();
+        }),
         tokio::spawn(crate::admin::serve(
             admin_listener,
             admin_router,
-            stop.clone().cancelled_owned(),
+            admin_stop.clone().cancelled_owned(),
         )),
-        tokio::spawn(credentials::watch(credentials, gateway.clone(), stop)),
+        tokio::spawn(credentials::watch(credentials, gateway.clone(), admin_stop)),
     ];
     tracing::info!(%listen, %admin, pools = config.pools.len(), "gateway listening");
     Ok(Running {

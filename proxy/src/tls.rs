@@ -136,16 +136,23 @@ pub fn server_config(
     pool_cas: &HashMap<PoolId, Vec<CertificateDer<'static>>>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let resolver = SniResolver::new(server_certs)?;
-    let verifier = PoolVerifier::new(pool_cas)?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Build(e.to_string()))?
-        .with_client_cert_verifier(Arc::new(verifier))
+        .with_client_cert_verifier(client_verifier(pool_cas)?)
         .with_cert_resolver(Arc::new(resolver));
     config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
     // Each gateway is a fresh hop: tickets would only save the client's handshake to us, and
     // stateless tickets would need key rotation across replicas. The stateful cache stays on.
     Ok(Arc::new(config))
+}
+
+/// The client-certificate verifier terminate mode uses: each certificate is checked against
+/// the CA of the pool it names, and only that one.
+pub fn client_verifier(
+    pool_cas: &HashMap<PoolId, Vec<CertificateDer<'static>>>,
+) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    Ok(Arc::new(PoolVerifier::new(pool_cas)?))
 }
 
 /// The crypto provider everything in the gateway uses (aws-lc-rs).
