@@ -157,3 +157,36 @@ async fn kill_9_of_bkpool_leaves_no_replica_behind() {
     }
     panic!("replicas outlived bkpool: {pids:?}");
 }
+
+#[tokio::test]
+async fn sigterm_drains_the_gateway_then_stops_replicas() {
+    let mut bk = local("31140-31149", &config("250ms"));
+    let tls = bk.issue("default");
+    let mut stream = bk.connect(&tls).await.unwrap();
+    stream.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    stream.read_exact(&mut buf).await.unwrap();
+    let pids = bk.replica_pids();
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &bk.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    // The open connection may finish during the drain: the replica still serves it.
+    stream.write_all(b"last").await.unwrap();
+    stream.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"last");
+    drop(stream);
+    let status = tokio::task::spawn_blocking(move || {
+        let status = bk.child.wait().unwrap();
+        (status, bk)
+    })
+    .await
+    .unwrap()
+    .0;
+    assert!(status.success(), "{status:?}");
+    assert!(
+        pids.iter().all(|p| !alive(*p)),
+        "replicas stopped: {pids:?}"
+    );
+}

@@ -29,7 +29,8 @@ pub struct Settings {
     /// Time between marking a pool (or replica) draining and confirming it has no
     /// connection: a connection routed just before the mark has engaged its backend by then.
     pub drain_settle: Duration,
-    /// Readiness probes while a replica starts, this far apart.
+    /// Readiness probes while a replica starts, at most this far apart (they start at a
+    /// few milliseconds and back off to it).
     pub probe_interval: Duration,
     /// Connections held at once across all pools.
     pub max_held_total: usize,

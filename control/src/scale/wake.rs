@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::time::Duration;
 
 use proxy::activity::{HeldGuard, PoolActivity};
 use proxy::route::{BoxFuture, Candidate, RouteError, Upstream};
@@ -13,6 +14,9 @@ use tokio::time::{Instant, sleep, timeout_at};
 use super::driver::{Readiness, Started};
 use super::pool::{Pool, PoolState, Replica, State};
 use super::scaler::Shared;
+
+/// The first pause between readiness probes; it doubles up to `Settings::probe_interval`.
+const FIRST_PROBE_INTERVAL: Duration = Duration::from_millis(2);
 
 /// The gateway's view of one pool.
 pub(crate) struct PoolUpstream {
@@ -247,6 +251,10 @@ impl Shared {
 
     async fn until_healthy(&self, pool: &Pool, replica: &Started, phase: &impl Fn(&'static str)) {
         let mut listening = false;
+        // Fast at first (a stand-in or a warm buildkitd answers within milliseconds), then
+        // backing off to the configured interval: the gateway's share of wake latency stays
+        // a few milliseconds without probing a slow starter hundreds of times.
+        let mut interval = FIRST_PROBE_INTERVAL.min(self.settings.probe_interval);
         loop {
             match self.driver.probe(&pool.id, replica).await {
                 Readiness::Healthy => {
@@ -262,7 +270,8 @@ impl Shared {
                 }
                 _ => {}
             }
-            sleep(self.settings.probe_interval).await;
+            sleep(interval).await;
+            interval = (interval * 2).min(self.settings.probe_interval);
         }
     }
 
