@@ -6,21 +6,20 @@
 //! Replica ids are slot numbers per pool (`r0`, `r1`, ...), lowest free first, as with a
 //! StatefulSet: a pool that wakes again reuses `r0`'s root, so buildkitd keeps its cache.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use proxy::names::PoolId;
 use rustix::io::Errno;
 use rustix::process::{Pid, Signal};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::broadcast;
 
+use super::slots::{Reservation, Table};
 use super::spawn::Spawner;
 
 /// What to run for a replica. In `args` and in `env` values, `{addr}` (`127.0.0.1:PORT`),
@@ -116,7 +115,8 @@ impl LocalDriver {
     /// ports from `ports`. Must be called within a tokio runtime, which reaps the replicas.
     ///
     /// # Panics
-    /// If the spawner thread cannot be started (the process is out of threads).
+    /// Outside a tokio runtime, or if the spawner thread cannot be started (the process is
+    /// out of threads).
     pub fn new(state_dir: PathBuf, ports: RangeInclusive<u16>) -> Self {
         let runtime = tokio::runtime::Handle::current();
         let spawner = Spawner::start(runtime).expect("start the replica spawner thread");
@@ -178,19 +178,19 @@ impl LocalDriver {
     /// Stops `replica`: SIGTERM to its process group, SIGKILL after its grace period, and
     /// returns once it has been reaped. Stopping a replica that already exited is a no-op.
     pub async fn stop(&self, replica: &Replica) -> Result<(), DriverError> {
-        let Some((mut exited, grace)) = self.inner.table.mark_stopping(replica) else {
+        let Some(mut exited) = self.inner.table.mark_stopping(replica) else {
             return Ok(());
         };
+        let grace = exited.grace;
         signal_group(replica, Signal::TERM)?;
-        let wait = exited.wait_for(|&exited| exited);
-        let gone = tokio::time::timeout(grace, wait).await.is_ok();
+        let gone = tokio::time::timeout(grace, exited.wait()).await.is_ok();
         // Also after a clean exit: the group may hold stragglers the leader left behind.
         // The pid cannot have been reused yet: the exit was collected an instant ago.
         signal_group(replica, Signal::KILL)?;
         if !gone {
             let (pool, id) = (&replica.pool, replica.id);
             tracing::warn!(%pool, replica = %id, ?grace, "replica outlived its grace, killed");
-            let _ = exited.wait_for(|&exited| exited).await;
+            exited.wait().await;
         }
         Ok(())
     }
@@ -214,7 +214,7 @@ impl LocalDriver {
 
     /// Whether `replica`'s process is still running.
     pub fn is_running(&self, replica: &Replica) -> bool {
-        self.inner.table.find(replica).is_some()
+        self.inner.table.contains(replica)
     }
 
     /// Every running replica.
@@ -227,37 +227,24 @@ impl LocalDriver {
         self.inner.events.subscribe()
     }
 
-    /// Claims the lowest free slot of `pool` and a free port, so that concurrent starts
-    /// never share either. The claim is released unless the process starts.
+    /// Claims a slot of `pool` and a free port, released unless the process starts.
     fn reserve(&self, pool: &PoolId) -> Result<Reservation, DriverError> {
-        let mut slots = self.inner.table.lock();
-        let id = (0..)
-            .map(ReplicaId)
-            .find(|id| !slots.contains_key(&(pool.clone(), *id)))
-            .expect("fewer than u32::MAX replicas");
-        let port = self
-            .free_port(&slots)
-            .ok_or_else(|| DriverError::NoFreePort {
-                pool: pool.clone(),
-                ports: self.inner.ports.clone(),
-            })?;
-        slots.insert((pool.clone(), id), Slot::Starting { port });
-        let table = self.inner.table.clone();
-        Ok(Reservation {
-            table,
-            key: Some((pool.clone(), id)),
-            id,
-            port,
+        let reservation = self
+            .inner
+            .table
+            .reserve(pool, |taken| self.free_port(taken));
+        reservation.ok_or_else(|| DriverError::NoFreePort {
+            pool: pool.clone(),
+            ports: self.inner.ports.clone(),
         })
     }
 
     /// The next port of the range, round robin, that no replica holds and that binds now.
-    fn free_port(&self, slots: &HashMap<Key, Slot>) -> Option<u16> {
+    fn free_port(&self, taken: &[u16]) -> Option<u16> {
         let ports = &self.inner.ports;
         if ports.is_empty() {
             return None;
         }
-        let taken: Vec<u16> = slots.values().map(Slot::port).collect();
         let mut next = self.inner.next_port.lock().expect("port cursor lock");
         let len = usize::from(ports.end() - ports.start()) + 1;
         let from = ports
@@ -287,139 +274,6 @@ impl Inner {
     fn pool_dir(&self, pool: &PoolId) -> PathBuf {
         self.replicas_dir.join(pool.namespace()).join(pool.name())
     }
-}
-
-type Key = (PoolId, ReplicaId);
-
-/// Replicas by pool and slot. Reaper tasks hold it too, but not the driver, so that dropping
-/// the driver ends the spawner thread.
-#[derive(Default)]
-struct Table(Mutex<HashMap<Key, Slot>>);
-
-enum Slot {
-    Starting { port: u16 },
-    Running(Running),
-}
-
-struct Running {
-    replica: Replica,
-    grace: Duration,
-    stopping: Arc<AtomicBool>,
-    exited: watch::Receiver<bool>,
-}
-
-impl Slot {
-    fn port(&self) -> u16 {
-        match self {
-            Slot::Starting { port } => *port,
-            Slot::Running(running) => running.replica.addr.port(),
-        }
-    }
-}
-
-impl Table {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Slot>> {
-        self.0.lock().expect("replica table lock")
-    }
-
-    /// The running entry for exactly this replica (same slot *and* same process).
-    fn find(
-        &self,
-        replica: &Replica,
-    ) -> Option<(watch::Receiver<bool>, Duration, Arc<AtomicBool>)> {
-        match self.lock().get(&(replica.pool.clone(), replica.id)) {
-            Some(Slot::Running(r)) if r.replica == *replica => {
-                Some((r.exited.clone(), r.grace, r.stopping.clone()))
-            }
-            _ => None,
-        }
-    }
-
-    fn mark_stopping(&self, replica: &Replica) -> Option<(watch::Receiver<bool>, Duration)> {
-        let (exited, grace, stopping) = self.find(replica)?;
-        stopping.store(true, Ordering::Relaxed);
-        Some((exited, grace))
-    }
-
-    fn running(&self) -> Vec<Replica> {
-        let slots = self.lock();
-        let running = slots.values().filter_map(|slot| match slot {
-            Slot::Running(r) => Some(r.replica.clone()),
-            Slot::Starting { .. } => None,
-        });
-        running.collect()
-    }
-}
-
-/// A claimed slot and port; dropped without `commit`, it frees them.
-struct Reservation {
-    table: Arc<Table>,
-    key: Option<Key>,
-    id: ReplicaId,
-    port: u16,
-}
-
-impl Reservation {
-    /// Records the started process and hands it to a reaper task, which reports its exit.
-    fn commit(
-        mut self,
-        replica: &Replica,
-        grace: Duration,
-        child: tokio::process::Child,
-        events: broadcast::Sender<DriverEvent>,
-    ) {
-        let key = self.key.take().expect("a reservation commits once");
-        let (exit, exited) = watch::channel(false);
-        let stopping = Arc::new(AtomicBool::new(false));
-        let running = Running {
-            replica: replica.clone(),
-            grace,
-            stopping: stopping.clone(),
-            exited,
-        };
-        self.table
-            .lock()
-            .insert(key.clone(), Slot::Running(running));
-        let table = self.table.clone();
-        let replica = replica.clone();
-        tokio::spawn(reap(child, replica, key, table, exit, stopping, events));
-    }
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        if let Some(key) = self.key.take() {
-            self.table.lock().remove(&key);
-        }
-    }
-}
-
-async fn reap(
-    mut child: tokio::process::Child,
-    replica: Replica,
-    key: Key,
-    table: Arc<Table>,
-    exited: watch::Sender<bool>,
-    stopping: Arc<AtomicBool>,
-    events: broadcast::Sender<DriverEvent>,
-) {
-    let status = child.wait().await;
-    if let Err(error) = &status {
-        let (pool, id) = (&replica.pool, replica.id);
-        tracing::error!(%pool, replica = %id, %error, "could not collect replica exit");
-    }
-    let status = status.ok();
-    // Gone from the table before anyone hears of it: is_running() agrees with the event.
-    table.lock().remove(&key);
-    let requested = stopping.load(Ordering::Relaxed);
-    let (pool, id) = (&replica.pool, replica.id);
-    tracing::info!(%pool, replica = %id, ?status, requested, "replica exited");
-    exited.send_replace(true);
-    let _ = events.send(DriverEvent::Exited {
-        replica,
-        status,
-        requested,
-    });
 }
 
 impl fmt::Display for ReplicaId {
