@@ -227,3 +227,35 @@ async fn a_crashed_replica_is_replaced_on_the_next_connection() {
         .await;
     assert_eq!(crashed, 1.0);
 }
+
+#[tokio::test]
+async fn a_replica_that_exits_at_start_fails_held_connections_at_once() {
+    let body = "[[pool]]\nname = \"broken\"\n[pool.scaling]\nwake_timeout = \"20s\"\n[pool.replica]\ncommand = [\"sh\", \"-c\", \"echo cannot start >&2; exit 3\"]\n";
+    let bk = local("31050-31059", body);
+    let tls = bk.issue("broken");
+    let began = std::time::Instant::now();
+    let mut stream = bk.connect(&tls).await.unwrap();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut [0u8; 8])).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "closed, not served: {read:?}"
+    );
+    assert!(
+        began.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        began.elapsed()
+    );
+    let refused = bk
+        .metric(
+            "bkpool_gateway_connections_rejected_total",
+            &[("pool", "local/broken"), ("reason", "wake_failed")],
+        )
+        .await;
+    assert_eq!(refused, 1.0);
+    bk.wait_log("exited before it became healthy").await;
+    let log = std::fs::read_to_string(bk.state_dir().join("replicas/local/broken/r0.log"));
+    assert!(
+        log.is_ok_and(|l| l.contains("cannot start")),
+        "the replica's own log keeps its output"
+    );
+}

@@ -31,6 +31,8 @@ pub enum Readiness {
     Listening,
     /// It answers: connections may be sent to it.
     Healthy,
+    /// Its process (or pod) is gone: it will never answer, so the wake fails at once.
+    Exited,
 }
 
 /// Why a driver could not start or stop a replica. `reason` is a fixed metric label.

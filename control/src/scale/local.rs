@@ -111,8 +111,14 @@ impl Driver for LocalReplicas {
         })
     }
 
-    fn probe<'a>(&'a self, _: &'a PoolId, replica: &'a Started) -> BoxFuture<'a, Readiness> {
+    fn probe<'a>(&'a self, pool: &'a PoolId, replica: &'a Started) -> BoxFuture<'a, Readiness> {
         Box::pin(async move {
+            let known = lock(&self.running)
+                .get(&(pool.clone(), replica.name.clone()))
+                .cloned();
+            if !known.is_some_and(|r| self.driver.is_running(&r)) {
+                return Readiness::Exited;
+            }
             match health::probe(replica.addr, PROBE_TIMEOUT).await {
                 Ok(h) if h.is_ready() => Readiness::Healthy,
                 Ok(_) => Readiness::Listening,

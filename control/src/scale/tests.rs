@@ -23,6 +23,7 @@ struct Recording {
     next: AtomicUsize,
     healthy_after: Option<Duration>,
     fail_start: bool,
+    exits_at_start: bool,
     stop_takes: Duration,
     started: Mutex<Vec<(String, Instant)>>,
     exits: broadcast::Sender<Exited>,
@@ -35,6 +36,7 @@ impl Recording {
             next: AtomicUsize::new(0),
             healthy_after,
             fail_start: false,
+            exits_at_start: false,
             stop_takes: Duration::ZERO,
             started: Mutex::default(),
             exits: broadcast::channel(16).0,
@@ -89,6 +91,9 @@ impl Driver for Recording {
 
     fn probe<'a>(&'a self, _: &'a PoolId, r: &'a Started) -> BoxFuture<'a, Readiness> {
         Box::pin(async move {
+            if self.exits_at_start {
+                return Readiness::Exited;
+            }
             let started = self.started.lock().unwrap();
             let at = started.iter().find(|(n, _)| *n == r.name).map(|(_, t)| *t);
             match (at, self.healthy_after) {
@@ -436,4 +441,23 @@ async fn min_replicas_wake_at_start_and_never_sleep() {
     sleep(Duration::from_secs(600)).await;
     assert_eq!(h.phase(), Phase::Ready);
     assert_eq!(h.driver.log(), ["start local/a r0"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replica_that_exits_while_starting_fails_the_wake_at_once() {
+    let mut driver = Recording::new(Some(Duration::from_secs(1)));
+    Arc::get_mut(&mut driver).unwrap().exits_at_start = true;
+    let h = harness(driver, policy());
+    let began = Instant::now();
+    let e = h.connect().await.unwrap_err();
+    assert_eq!(e.reason(), "wake_failed");
+    assert!(
+        e.to_string().contains("exited before it became healthy"),
+        "{e}"
+    );
+    assert!(
+        began.elapsed() < Duration::from_millis(100),
+        "not at the 20 s deadline"
+    );
+    assert_eq!(h.phase(), Phase::Sleeping);
 }

@@ -18,6 +18,9 @@ use super::scaler::Shared;
 /// The first pause between readiness probes; it doubles up to `Settings::probe_interval`.
 const FIRST_PROBE_INTERVAL: Duration = Duration::from_millis(2);
 
+/// The replica's process ended while it was being waited for.
+struct Exited;
+
 /// The gateway's view of one pool.
 pub(crate) struct PoolUpstream {
     pub shared: Arc<Shared>,
@@ -236,11 +239,15 @@ impl Shared {
         };
         phase("spawned");
         match timeout_at(deadline, self.until_healthy(pool, &started, &phase)).await {
-            Ok(()) => Ok(Replica {
+            Ok(Ok(())) => Ok(Replica {
                 started,
                 load: Arc::default(),
                 retiring_since: None,
             }),
+            Ok(Err(Exited)) => Err(RouteError::WakeFailed(format!(
+                "replica {} exited before it became healthy",
+                started.name
+            ))),
             Err(_) => {
                 tracing::warn!(pool = %pool.id, replica = %started.name, addr = %started.addr, "replica did not become healthy in time; stopping it");
                 self.stop(pool, &started, "unhealthy").await;
@@ -249,7 +256,12 @@ impl Shared {
         }
     }
 
-    async fn until_healthy(&self, pool: &Pool, replica: &Started, phase: &impl Fn(&'static str)) {
+    async fn until_healthy(
+        &self,
+        pool: &Pool,
+        replica: &Started,
+        phase: &impl Fn(&'static str),
+    ) -> Result<(), Exited> {
         let mut listening = false;
         // Fast at first (a stand-in or a warm buildkitd answers within milliseconds), then
         // backing off to the configured interval: the gateway's share of wake latency stays
@@ -262,8 +274,9 @@ impl Shared {
                         phase("listening");
                     }
                     phase("healthy");
-                    return;
+                    return Ok(());
                 }
+                Readiness::Exited => return Err(Exited),
                 Readiness::Listening if !listening => {
                     listening = true;
                     phase("listening");
