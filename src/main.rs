@@ -2,10 +2,18 @@
 //!
 //! - `gateway`: the standalone mTLS gateway with static backends.
 //! - `demo`: writes demonstration certificates and a gateway configuration.
+//! - `local`: gateway, control loop and local replicas in one process (scale to zero).
+//! - `cert issue`: a client certificate for a local pool, in `buildctl --tlsdir` layout.
+//! - `status`: the pools of a running `bkpool local`.
+//! - `standin` (hidden): the stand-in backend, run as a replica process.
 
+mod cert_cmd;
 mod demo;
 mod gateway_cmd;
+mod local_cmd;
 mod shutdown;
+mod standin_cmd;
+mod status_cmd;
 
 use std::process::ExitCode;
 
@@ -43,6 +51,16 @@ enum Command {
     Gateway(gateway_cmd::Args),
     /// Write demonstration certificates and a gateway configuration to a directory.
     Demo(demo::Args),
+    /// Run local pools that sleep when idle and wake on connect, behind the gateway.
+    Local(local_cmd::Args),
+    /// Client certificates for local pools.
+    #[command(subcommand)]
+    Cert(cert_cmd::Command),
+    /// Show the pools of a running `bkpool local`.
+    Status(status_cmd::Args),
+    /// The built-in stand-in backend (run by `bkpool local --standin` as a replica).
+    #[command(hide = true)]
+    Standin(standin_cmd::Args),
 }
 
 fn main() -> ExitCode {
@@ -59,6 +77,10 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Gateway(args) => gateway_cmd::run(args).await,
             Command::Demo(args) => demo::run(args),
+            Command::Local(args) => local_cmd::run(args).await,
+            Command::Cert(command) => cert_cmd::run(command),
+            Command::Status(args) => status_cmd::run(args).await,
+            Command::Standin(args) => standin_cmd::run(args).await,
         }
     });
     match result {

@@ -1,6 +1,8 @@
 //! bkpool control plane.
 //!
 //! - [`pki`]: CAs, client and server certificates, CSR signing, the local PKI directory.
+//! - [`scale`]: scale to zero and back: the scaler, wake on connect, the driver seam.
+//! - [`local_config`]: the `bkpool local` configuration (pools, scaling, replica commands).
 //! - [`health`]: replica readiness, a gRPC health check over h2c or (m)TLS.
 //! - [`standin`]: the built-in stand-in backend (gRPC health + raw echo on one port).
 //! - [`driver`]: starting and stopping replicas (local processes).
@@ -8,5 +10,7 @@
 pub mod driver;
 mod grpc;
 pub mod health;
+pub mod local_config;
 pub mod pki;
+pub mod scale;
 pub mod standin;
