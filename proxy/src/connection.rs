@@ -35,7 +35,9 @@ pub async fn handle(gateway: &Arc<Gateway>, tcp: TcpStream, peer: SocketAddr, _s
     let started = Instant::now();
     let accepted = tokio::time::timeout(
         gateway.settings.handshake_timeout,
-        handshake::accept(tcp, &routes, gateway.tls.load_full()),
+        // Boxed: the handshake's state is large and short-lived; inline it would stay in
+        // every connection task's allocation for the connection's whole life.
+        Box::pin(handshake::accept(tcp, &routes, gateway.tls.load_full())),
     )
     .await;
     drop(handshake_permit);
