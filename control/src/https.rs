@@ -6,8 +6,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::{Full, Limited};
 use http::{HeaderValue, Method, Request, StatusCode, Uri, header};
+use http_body_util::{Full, Limited};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
@@ -63,9 +63,10 @@ impl HttpsClient {
     /// A client trusting the PEM certificates in `roots_pem` (and nothing else).
     pub fn with_roots_pem(roots_pem: &str) -> Result<Self, HttpsError> {
         use rustls::pki_types::pem::PemObject;
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(roots_pem.as_bytes())
-            .collect::<Result<_, _>>()
-            .map_err(|e| HttpsError::Roots(e.to_string()))?;
+        let certs: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(roots_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .map_err(|e| HttpsError::Roots(e.to_string()))?;
         Self::with_roots(certs, None)
     }
 
@@ -180,7 +181,10 @@ impl HttpsClient {
         let request = target
             .request(method, bearer, body)
             .map_err(|e| http_err(&e))?;
-        let response = sender.send_request(request).await.map_err(|e| http_err(&e))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| http_err(&e))?;
         let status = response.status();
         let limited = Limited::new(response.into_body(), self.max_body);
         let collected = http_body_util::BodyExt::collect(limited).await;
@@ -232,7 +236,10 @@ impl Target {
             return Err(not_https());
         }
         let authority = uri.authority().ok_or_else(not_https)?;
-        let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
         if host.is_empty() || authority.as_str().contains('@') {
             return Err(not_https());
         }

@@ -208,10 +208,7 @@ impl JwksCache {
             "{}/.well-known/openid-configuration",
             issuer.trim_end_matches('/')
         );
-        let doc: Discovery = self
-            .get_json(&url)
-            .await
-            .map_err(discovery_failed)?;
+        let doc: Discovery = self.get_json(&url).await.map_err(discovery_failed)?;
         if doc.issuer != issuer {
             return Err(discovery_failed(format!(
                 "discovery names issuer {:?}",
@@ -221,12 +218,13 @@ impl JwksCache {
         if !is_https_url(&doc.jwks_uri) {
             return Err(discovery_failed("jwks_uri is not https".into()));
         }
-        let set: JwkSet = self.get_json(&doc.jwks_uri).await.map_err(|problem| {
-            JwksError::Fetch {
-                issuer: issuer.into(),
-                problem,
-            }
-        })?;
+        let set: JwkSet =
+            self.get_json(&doc.jwks_uri)
+                .await
+                .map_err(|problem| JwksError::Fetch {
+                    issuer: issuer.into(),
+                    problem,
+                })?;
         Ok(set
             .keys
             .iter()

@@ -67,7 +67,8 @@ pub fn parse(token: &str) -> Result<UnverifiedJwt<'_>, JwtError> {
         return Err(JwtError::TooLarge);
     }
     let mut parts = token.split('.');
-    let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(h), Some(p), Some(s), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(JwtError::Malformed);
     };
@@ -165,14 +166,23 @@ mod tests {
             ("a.b".into(), "token_malformed"),
             ("a.b.c.d".into(), "token_malformed"),
             (format!("{good}."), "token_malformed"),
-            (good.rsplit_once('.').unwrap().0.to_owned(), "token_malformed"),
-            (format!("!!.{}", &good[good.find('.').unwrap() + 1..]), "token_bad_encoding"),
+            (
+                good.rsplit_once('.').unwrap().0.to_owned(),
+                "token_malformed",
+            ),
+            (
+                format!("!!.{}", &good[good.find('.').unwrap() + 1..]),
+                "token_bad_encoding",
+            ),
             (token("not json", "{}"), "token_bad_json"),
             (token("[1]", "{}"), "token_bad_json"),
             (token(r#"{"alg":5}"#, "{}"), "token_bad_json"),
             (token(r#"{"alg":"RS256","kid":5}"#, "{}"), "token_bad_json"),
             (token(r#"{"alg":"RS256"}"#, "\"str\""), "token_bad_json"),
-            (token(r#"{"alg":"RS256","crit":["x"]}"#, "{}"), "token_unsupported_critical"),
+            (
+                token(r#"{"alg":"RS256","crit":["x"]}"#, "{}"),
+                "token_unsupported_critical",
+            ),
             ("a".repeat(MAX_TOKEN_BYTES + 1), "token_too_large"),
         ];
         for (t, reason) in cases {

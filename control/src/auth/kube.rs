@@ -80,7 +80,11 @@ impl KubeApi {
     pub fn in_cluster() -> Result<Self, KubeError> {
         let host = std::env::var("KUBERNETES_SERVICE_HOST").map_err(|_| KubeError::NotInCluster)?;
         let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
-        let host = if host.contains(':') { format!("[{host}]") } else { host };
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host
+        };
         let dir = Path::new(IN_CLUSTER_DIR);
         let ca = read(&dir.join("ca.crt"))?;
         let http = HttpsClient::with_roots_pem(&ca).map_err(|e| config(&dir.join("ca.crt"), e))?;
@@ -122,14 +126,25 @@ impl KubeApi {
         let roots = CertificateDer::pem_slice_iter(ca.as_bytes())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| config(path, e))?;
-        let cert = pem_field(user.cert_data.as_deref(), user.cert_file.as_deref(), base, path)?;
-        let key = pem_field(user.key_data.as_deref(), user.key_file.as_deref(), base, path)?;
+        let cert = pem_field(
+            user.cert_data.as_deref(),
+            user.cert_file.as_deref(),
+            base,
+            path,
+        )?;
+        let key = pem_field(
+            user.key_data.as_deref(),
+            user.key_file.as_deref(),
+            base,
+            path,
+        )?;
         let identity = match (cert, key) {
             (Some(cert), Some(key)) => {
                 let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| config(path, e))?;
-                let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|e| config(path, e))?;
+                let key =
+                    PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|e| config(path, e))?;
                 Some((chain, key))
             }
             _ => None,
@@ -149,7 +164,11 @@ impl KubeApi {
 
     /// Authenticates `token` for `audiences` with a TokenReview. A token the API server
     /// authenticates, but for none of `audiences`, is `Rejected`.
-    pub async fn review_token(&self, token: &str, audiences: &[String]) -> Result<Review, KubeError> {
+    pub async fn review_token(
+        &self,
+        token: &str,
+        audiences: &[String],
+    ) -> Result<Review, KubeError> {
         let body = json!({
             "apiVersion": "authentication.k8s.io/v1",
             "kind": "TokenReview",
@@ -158,11 +177,14 @@ impl KubeApi {
         let url = format!("{}/apis/authentication.k8s.io/v1/tokenreviews", self.server);
         let status = self.post(&url, &body, "TokenReview").await?;
         let status: TokenReviewStatus =
-            serde_json::from_value(status).map_err(|_| KubeError::Decode { what: "TokenReview" })?;
+            serde_json::from_value(status).map_err(|_| KubeError::Decode {
+                what: "TokenReview",
+            })?;
         if !status.authenticated {
             return Ok(Review::Rejected);
         }
-        let audience_ok = audiences.is_empty() || status.audiences.iter().any(|a| audiences.contains(a));
+        let audience_ok =
+            audiences.is_empty() || status.audiences.iter().any(|a| audiences.contains(a));
         if !audience_ok {
             return Ok(Review::Rejected);
         }
@@ -201,7 +223,10 @@ impl KubeApi {
                 },
             },
         });
-        let url = format!("{}/apis/authorization.k8s.io/v1/subjectaccessreviews", self.server);
+        let url = format!(
+            "{}/apis/authorization.k8s.io/v1/subjectaccessreviews",
+            self.server
+        );
         let status = self.post(&url, &body, "SubjectAccessReview").await?;
         Ok(status.get("allowed").and_then(Value::as_bool) == Some(true))
     }
@@ -359,7 +384,10 @@ mod tests {
         let path = dir.path().join("kubeconfig");
         std::fs::write(&path, "apiVersion: v1\nkind: Config\ncurrent-context: x\n").unwrap();
         let err = KubeApi::from_kubeconfig(&path).unwrap_err();
-        assert!(err.to_string().contains("kubeconfig: current-context"), "{err}");
+        assert!(
+            err.to_string().contains("kubeconfig: current-context"),
+            "{err}"
+        );
         let err = KubeApi::from_kubeconfig(&dir.path().join("absent")).unwrap_err();
         assert!(matches!(err, KubeError::Config { .. }), "{err}");
     }

@@ -58,7 +58,10 @@ impl RateLimiter {
         let rate = 1.0 / self.limit.per.as_secs_f64().max(1e-9);
         let mut buckets = self.buckets.lock().expect("rate limiter lock");
         if !buckets.contains_key(identity) && buckets.len() >= self.limit.max_identities.max(1) {
-            let oldest = buckets.iter().min_by_key(|(_, b)| b.updated).map(|(k, _)| k.clone());
+            let oldest = buckets
+                .iter()
+                .min_by_key(|(_, b)| b.updated)
+                .map(|(k, _)| k.clone());
             if let Some(oldest) = oldest {
                 buckets.remove(&oldest);
             }
@@ -115,6 +118,9 @@ mod tests {
             tokio::time::advance(Duration::from_millis(1)).await;
         }
         assert_eq!(l.tracked(), 100);
-        assert!(!l.try_acquire("id-9999"), "recent identities keep their state");
+        assert!(
+            !l.try_acquire("id-9999"),
+            "recent identities keep their state"
+        );
     }
 }

@@ -192,8 +192,12 @@ mod tests {
             rules(r#"sub = """#).unwrap_err(),
             RulesError::BadPattern("sub".into())
         );
-        assert!(rules(r#"sub = "*"
-                       repository_owner = "org""#)
-        .is_ok());
+        assert!(
+            rules(
+                r#"sub = "*"
+                       repository_owner = "org""#
+            )
+            .is_ok()
+        );
     }
 }

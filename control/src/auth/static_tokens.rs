@@ -84,7 +84,9 @@ impl StaticTokens {
         let mut entries = Vec::new();
         for (i, e) in raw.token.into_iter().enumerate() {
             if e.token.len() < MIN_TOKEN_LEN {
-                faults.push(format!("token[{i}]: shorter than {MIN_TOKEN_LEN} characters"));
+                faults.push(format!(
+                    "token[{i}]: shorter than {MIN_TOKEN_LEN} characters"
+                ));
             }
             let identity = ClientIdentity::new(&e.identity)
                 .map_err(|err| faults.push(format!("token[{i}].identity: {err}")));
@@ -139,9 +141,9 @@ impl std::fmt::Debug for StaticTokens {
 
 impl StaticGrant {
     pub fn allows(&self, pool: &PoolId) -> bool {
-        self.pools.iter().any(|p| {
-            p == pool.as_str() || p.strip_suffix("/*") == Some(pool.namespace())
-        })
+        self.pools
+            .iter()
+            .any(|p| p == pool.as_str() || p.strip_suffix("/*") == Some(pool.namespace()))
     }
 }
 
@@ -194,7 +196,12 @@ mod tests {
             pools = ["nope", "Bad/*"]
         "#;
         let err = StaticTokens::parse(bad).unwrap_err();
-        for part in ["token[0]: shorter", "token[0].identity", "\"nope\"", "\"Bad/*\""] {
+        for part in [
+            "token[0]: shorter",
+            "token[0].identity",
+            "\"nope\"",
+            "\"Bad/*\"",
+        ] {
             assert!(err.contains(part), "{part} missing from {err}");
         }
         assert!(format!("{:?}", StaticTokens::parse(FILE).unwrap()).contains("1 entries"));

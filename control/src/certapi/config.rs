@@ -264,7 +264,10 @@ pub fn assemble(
             ca: Arc::new(ca),
             max_ttl: pool.max_ttl,
             auth: pool.auth.clone(),
-            endpoints: pool.endpoints.clone().unwrap_or_else(|| config.endpoints.clone()),
+            endpoints: pool
+                .endpoints
+                .clone()
+                .unwrap_or_else(|| config.endpoints.clone()),
             gateway_ca_pem: gateway_ca_pem.clone(),
         });
     }
@@ -283,7 +286,10 @@ pub fn assemble(
         .with_static_tokens(tokens)
         .with_metrics(auth_metrics);
     let read = |p: PathBuf| crate::pki::files::read_text(&p);
-    let tls = super::server_config(&read(pki.server_cert_path())?, &read(pki.server_key_path())?)?;
+    let tls = super::server_config(
+        &read(pki.server_cert_path())?,
+        &read(pki.server_key_path())?,
+    )?;
     let state = ApiState {
         directory: Arc::new(StaticDirectory::new(entries)),
         warmer: warmer.unwrap_or_else(|| Arc::new(NoWarmer)),
@@ -306,7 +312,11 @@ fn oidc_client(config: &CertApiConfig) -> Result<HttpsClient, ConfigError> {
                 // No OIDC issuer to reach: trust the local gateway CA only, never used.
                 config.pki_dir.join("gateway").join("ca.pem")
             }
-            None => return Err(ConfigError::Roots("no system CA bundle; set oidc_roots".into())),
+            None => {
+                return Err(ConfigError::Roots(
+                    "no system CA bundle; set oidc_roots".into(),
+                ));
+            }
         },
     };
     let pem = crate::pki::files::read_text(&path)?;
@@ -334,7 +344,10 @@ fn pool_config(i: usize, raw: RawPool, faults: &mut Vec<String>) -> Option<PoolC
     for (j, o) in raw.oidc.into_iter().enumerate() {
         let at = format!("{at}.oidc[{j}]");
         if !is_https_url(&o.issuer) {
-            faults.push(format!("{at}.issuer: {:?} is not an https:// URL", o.issuer));
+            faults.push(format!(
+                "{at}.issuer: {:?} is not an https:// URL",
+                o.issuer
+            ));
         }
         if o.audiences.is_empty() || o.audiences.iter().any(String::is_empty) {
             faults.push(format!("{at}.audiences: list at least one audience"));

@@ -59,6 +59,19 @@ impl ApiError {
         }
     }
 
+    /// What the caller is told: fixed text, never an upstream's answer or an address.
+    pub fn public_message(&self) -> String {
+        match self {
+            Self::Auth(AuthError::Jwks(e)) if e.reason() != "unknown_key" => {
+                "the token's issuer could not be reached or is misconfigured; retry later".into()
+            }
+            Self::Auth(AuthError::Jwks(_)) => {
+                "the token names a key its issuer does not publish".into()
+            }
+            other => other.to_string(),
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             Self::Auth(e) => match e.refusal() {
@@ -84,7 +97,7 @@ impl IntoResponse for ApiError {
             self.status(),
             Json(Body {
                 reason: self.reason(),
-                message: self.to_string(),
+                message: self.public_message(),
             }),
         )
             .into_response();

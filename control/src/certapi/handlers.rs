@@ -218,7 +218,9 @@ fn parse_issue(body: Result<Bytes, BytesRejection>) -> Result<IssueRequest, ApiE
 fn sign(pool: &PoolEntry, caller: &Caller, request: &IssueRequest) -> Result<IssuedCert, ApiError> {
     let ttl = ttl(request.ttl.as_deref(), pool.max_ttl)?;
     let result = match &request.csr {
-        Some(csr) => pool.ca.sign_client_csr(csr, &pool.id, &caller.identity, ttl),
+        Some(csr) => pool
+            .ca
+            .sign_client_csr(csr, &pool.id, &caller.identity, ttl),
         None => pool.ca.issue_client(&pool.id, &caller.identity, ttl),
     };
     result.map_err(|e| match e {

@@ -69,7 +69,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
             "/v1/namespaces/{ns}/pools/{pool}/certificates",
             post(handlers::issue),
         )
-        .route("/v1/namespaces/{ns}/pools/{pool}/wake", post(handlers::wake))
+        .route(
+            "/v1/namespaces/{ns}/pools/{pool}/wake",
+            post(handlers::wake),
+        )
         .route("/healthz", get(|| async { "ok\n" }))
         .fallback(|| async { ApiError::NotFound })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
