@@ -2,9 +2,13 @@
 //!
 //! - `gateway`: the standalone mTLS gateway with static backends.
 //! - `demo`: writes demonstration certificates and a gateway configuration.
+//! - `certapi`: the certificate API over the local PKI (tokens in, short-lived certificates out).
+//! - `login`: trade a CI token for a client certificate, optionally running a command with it.
 
+mod certapi_cmd;
 mod demo;
 mod gateway_cmd;
+mod login_cmd;
 mod shutdown;
 
 use std::process::ExitCode;
@@ -43,6 +47,10 @@ enum Command {
     Gateway(gateway_cmd::Args),
     /// Write demonstration certificates and a gateway configuration to a directory.
     Demo(demo::Args),
+    /// Serve the certificate API (ServiceAccount, OIDC and static tokens) over the local PKI.
+    Certapi(certapi_cmd::Args),
+    /// Get a short-lived client certificate for a pool with a CI token.
+    Login(login_cmd::Args),
 }
 
 fn main() -> ExitCode {
@@ -57,12 +65,14 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Gateway(args) => gateway_cmd::run(args).await,
-            Command::Demo(args) => demo::run(args),
+            Command::Gateway(args) => gateway_cmd::run(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Demo(args) => demo::run(args).map(|()| ExitCode::SUCCESS),
+            Command::Certapi(args) => certapi_cmd::run(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Login(args) => login_cmd::run(args).await,
         }
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("bkpool: {e:#}");
             ExitCode::FAILURE

@@ -14,6 +14,13 @@ use rustls::{ClientConfig, RootCertStore};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+/// Where the system's CA bundle usually is (Debian, Fedora, Alpine/macOS).
+pub const SYSTEM_ROOTS: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/cert.pem",
+];
+
 /// Default deadline for one request, connection included.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default cap on a response body.
@@ -70,6 +77,23 @@ impl HttpsClient {
         Self::with_roots(certs, None)
     }
 
+    /// A client trusting the system's CA bundle: `$SSL_CERT_FILE` when set, else the first of
+    /// [`SYSTEM_ROOTS`] that exists.
+    pub fn system() -> Result<Self, HttpsError> {
+        let path = std::env::var_os("SSL_CERT_FILE")
+            .map(std::path::PathBuf::from)
+            .or_else(|| {
+                SYSTEM_ROOTS
+                    .iter()
+                    .map(std::path::PathBuf::from)
+                    .find(|p| p.exists())
+            })
+            .ok_or_else(|| HttpsError::Roots("no system CA bundle found".into()))?;
+        let pem = std::fs::read_to_string(&path)
+            .map_err(|e| HttpsError::Roots(format!("{}: {e}", path.display())))?;
+        Self::with_roots_pem(&pem)
+    }
+
     /// A client trusting `roots`, presenting `identity` (chain and key) when one is given.
     pub fn with_roots(
         roots: Vec<CertificateDer<'static>>,
@@ -116,6 +140,11 @@ impl HttpsClient {
     /// `GET url`.
     pub async fn get(&self, url: &str) -> Result<Response, HttpsError> {
         self.send(Method::GET, url, None, None).await
+    }
+
+    /// `GET url` with a bearer token.
+    pub async fn get_authorized(&self, url: &str, bearer: &str) -> Result<Response, HttpsError> {
+        self.send(Method::GET, url, Some(bearer), None).await
     }
 
     /// `POST url` with a JSON body and an optional bearer token.

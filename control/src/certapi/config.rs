@@ -38,17 +38,11 @@ use crate::auth::jwks::{JwksCache, JwksLimits};
 use crate::auth::ratelimit::{RateLimit, RateLimiter};
 use crate::auth::rules::{ClaimRules, RawPatterns};
 use crate::auth::{AuthMetrics, Authenticator, KubeApi, OidcTrust, PoolAuth, StaticTokens};
-use crate::https::{HttpsClient, is_https_url};
+use crate::https::{HttpsClient, SYSTEM_ROOTS, is_https_url};
 use crate::pki::{Ca, LocalPki};
 
 /// No pool may hand out certificates living longer than this.
 pub const MAX_TTL_CEILING: Duration = Duration::from_secs(24 * 3600);
-/// Where the system's CA bundle usually is, for OIDC issuers on the internet.
-pub const SYSTEM_ROOTS: &[&str] = &[
-    "/etc/ssl/certs/ca-certificates.crt",
-    "/etc/pki/tls/certs/ca-bundle.crt",
-    "/etc/ssl/cert.pem",
-];
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
@@ -202,6 +196,17 @@ impl CertApiConfig {
         }
         if uses_kube && kubernetes.is_none() {
             faults.push("pool: serviceaccounts = true needs a [kubernetes] section".into());
+        }
+        if raw.static_tokens.is_none() {
+            for p in pools
+                .iter()
+                .filter(|p| !p.auth.serviceaccounts && p.auth.issuers.is_empty())
+            {
+                faults.push(format!(
+                    "pool {}: no way in (set serviceaccounts = true, add [[pool.oidc]], or name it in static_tokens)",
+                    p.id
+                ));
+            }
         }
         let audiences = raw.audiences.unwrap_or_else(|| vec!["bkpool".into()]);
         if audiences.is_empty() || audiences.iter().any(String::is_empty) {
@@ -361,11 +366,6 @@ fn pool_config(i: usize, raw: RawPool, faults: &mut Vec<String>) -> Option<PoolC
             }),
             Err(e) => faults.push(format!("{at}.claims: {e}")),
         }
-    }
-    if issuers.is_empty() && !raw.serviceaccounts {
-        faults.push(format!(
-            "{at}: no way in (set serviceaccounts = true or add [[pool.oidc]]; static tokens name their pools themselves)"
-        ));
     }
     Some(PoolConfig {
         id: id?,

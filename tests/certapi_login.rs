@@ -1,0 +1,213 @@
+//! End to end: `bkpool certapi` over a local PKI, `bkpool login` trading a token for a
+//! certificate (key and CSR made by login), and a real `bkpool gateway` letting that
+//! certificate into its pool and no other.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use control::pki::testing::TestPki;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use support::{backends, gateway};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+const TOKEN: &str = "ci-token-0123456789abcdef";
+
+/// A running `bkpool certapi`, killed on drop.
+struct CertApi {
+    child: Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for CertApi {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_certapi(pki: &TestPki, gateway: SocketAddr) -> CertApi {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.toml");
+    let token_file =
+        format!("[[token]]\ntoken = {TOKEN:?}\nidentity = \"ci-bot\"\npools = [\"local/a\"]\n");
+    std::fs::write(&tokens, token_file).unwrap();
+    std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let config = dir.path().join("certapi.toml");
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\npki_dir = {:?}\nendpoints = [\"{gateway}\"]\nstatic_tokens = {:?}\n\
+         [[pool]]\nname = \"local/a\"\nmax_ttl = \"15m\"\n[[pool]]\nname = \"local/b\"\n",
+        pki.dir(),
+        tokens
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bkpool"))
+        .args(["--log-format", "json", "certapi", "--config"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("certificate API listening") {
+                let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+                let addr = v["fields"]["listen"].as_str().unwrap().parse().unwrap();
+                let _ = tx.send(addr);
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("certapi did not start");
+    CertApi {
+        child,
+        addr,
+        _dir: dir,
+    }
+}
+
+fn login(api: &CertApi, pki: &TestPki, pool: &str, out: &Path, extra: &[&str]) -> Output {
+    let token = out.with_extension("token");
+    std::fs::write(&token, TOKEN).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_bkpool"))
+        .args(["login", "--server", &format!("https://{}", api.addr)])
+        .args(["--pool", pool, "--token-file"])
+        .arg(&token)
+        .arg("--ca")
+        .arg(pki.server_ca_path())
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// A TLS client configured from a `buildctl --tlsdir` directory.
+fn tls_dir_config(dir: &Path) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(dir.join("ca.pem")).unwrap() {
+        roots.add(ca.unwrap()).unwrap();
+    }
+    let chain = CertificateDer::pem_file_iter(dir.join("cert.pem"))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(dir.join("key.pem")).unwrap();
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Arc::new(config)
+}
+
+/// Whether `config` gets bytes echoed through the gateway at `addr`.
+async fn echoes(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> bool {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    let Ok(mut tls) = TlsConnector::from(config).connect(name, tcp).await else {
+        return false;
+    };
+    if tls.write_all(b"hello pool").await.is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 10];
+    let read = tokio::time::timeout(Duration::from_secs(5), tls.read_exact(&mut buf)).await;
+    matches!(read, Ok(Ok(_))) && &buf == b"hello pool"
+}
+
+#[tokio::test]
+async fn login_gets_a_certificate_that_opens_its_pool_and_no_other() {
+    let pki = Arc::new(TestPki::new().pool("a").pool("b"));
+    let (backend_a, backend_b) = (backends::echo().await, backends::echo().await);
+    let gw = gateway(&pki).pool("a", backend_a.addr).start();
+    let gw_b = gateway(&pki).pool("b", backend_b.addr).start();
+    let api = start_certapi(&pki, gw.listen);
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("tls");
+
+    let done = login(&api, &pki, "local/a", &out, &["--ttl", "10m"]);
+    let stdout = String::from_utf8_lossy(&done.stdout);
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("buildctl --addr tcp://{}", gw.listen)),
+        "{stdout}"
+    );
+    assert!(stdout.contains("docker buildx create"), "{stdout}");
+    let mode = std::fs::metadata(out.join("key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let config = tls_dir_config(&out);
+    assert!(
+        echoes(gw.listen, config.clone()).await,
+        "the right pool lets it in"
+    );
+    assert_eq!(backend_a.accepted(), 1);
+    assert!(
+        !echoes(gw_b.listen, config).await,
+        "another pool's gateway refuses it"
+    );
+    assert_eq!(backend_b.accepted(), 0);
+
+    let expired = pki.expired_client("a", "ci-bot");
+    assert!(
+        !echoes(gw.listen, expired.arc_config(&[b"h2"])).await,
+        "an expired one is refused"
+    );
+
+    let refused = login(&api, &pki, "local/b", &work.path().join("tls-b"), &[]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(stderr.contains("pool_not_allowed"), "{stderr}");
+    assert!(
+        !work.path().join("tls-b").exists(),
+        "nothing written on refusal"
+    );
+}
+
+#[tokio::test]
+async fn login_exec_runs_the_command_with_the_certificates_and_its_exit_status() {
+    let pki = Arc::new(TestPki::new().pool("a").pool("b"));
+    let backend = backends::echo().await;
+    let gw = gateway(&pki).pool("a", backend.addr).start();
+    let api = start_certapi(&pki, gw.listen);
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("tls");
+    let script = "test -s \"$BKPOOL_TLS_DIR/key.pem\" && echo \"$BUILDKIT_HOST\" && exit 7";
+    let done = login(
+        &api,
+        &pki,
+        "local/a",
+        &out,
+        &["--exec", "--", "sh", "-c", script],
+    );
+    assert_eq!(
+        done.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&done.stdout);
+    assert_eq!(stdout.trim(), format!("tcp://{}", gw.listen));
+}
