@@ -157,7 +157,8 @@ impl HttpsClient {
         self.send(Method::POST, url, bearer, Some(body)).await
     }
 
-    async fn send(
+    /// Any request, for the calls the helpers above do not cover.
+    pub async fn send(
         &self,
         method: Method,
         url: &str,

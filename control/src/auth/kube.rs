@@ -236,12 +236,47 @@ impl KubeApi {
         &self.server
     }
 
-    async fn post(&self, url: &str, body: &Value, what: &'static str) -> Result<Value, KubeError> {
-        let token = match &self.auth {
+    /// `POST`s `body` to `path` (e.g. `/api/v1/namespaces`) and returns the whole answer.
+    pub async fn create(&self, path: &str, body: &Value) -> Result<Value, KubeError> {
+        let url = format!("{}{path}", self.server);
+        self.send(&url, body, "create").await
+    }
+
+    /// `DELETE`s `path`; success or not-found both count as done.
+    pub async fn delete(&self, path: &str) -> Result<(), KubeError> {
+        let url = format!("{}{path}", self.server);
+        let token = self.token()?;
+        let response = self
+            .http
+            .send(http::Method::DELETE, &url, token.as_deref(), None)
+            .await?;
+        match response.status.as_u16() {
+            200..=299 | 404 => Ok(()),
+            status => Err(KubeError::Status {
+                what: "delete",
+                status,
+            }),
+        }
+    }
+
+    fn token(&self) -> Result<Option<String>, KubeError> {
+        Ok(match &self.auth {
             Credential::None => None,
             Credential::Token(t) => Some(t.clone()),
             Credential::TokenFile(p) => Some(read(p)?.trim().to_owned()),
-        };
+        })
+    }
+
+    async fn post(&self, url: &str, body: &Value, what: &'static str) -> Result<Value, KubeError> {
+        let mut value = self.send(url, body, what).await?;
+        Ok(value
+            .get_mut("status")
+            .map(Value::take)
+            .unwrap_or(Value::Object(Default::default())))
+    }
+
+    async fn send(&self, url: &str, body: &Value, what: &'static str) -> Result<Value, KubeError> {
+        let token = self.token()?;
         let bytes = serde_json::to_vec(body).map_err(|_| KubeError::Decode { what })?;
         let response = self.http.post_json(url, token.as_deref(), bytes).await?;
         if !response.status.is_success() {
@@ -250,12 +285,7 @@ impl KubeApi {
                 status: response.status.as_u16(),
             });
         }
-        let mut value: Value =
-            serde_json::from_slice(&response.body).map_err(|_| KubeError::Decode { what })?;
-        Ok(value
-            .get_mut("status")
-            .map(Value::take)
-            .unwrap_or(Value::Object(Default::default())))
+        serde_json::from_slice(&response.body).map_err(|_| KubeError::Decode { what })
     }
 }
 
