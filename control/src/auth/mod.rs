@@ -358,6 +358,64 @@ impl Authenticator {
     }
 }
 
+/// The `token` fuzz target's body: `data` is a claim-rule pattern, a newline, and a token.
+/// Parsing never panics and never accepts more than [`jwt::MAX_TOKEN_BYTES`]; any parsed
+/// claims can be checked against any rule; a pattern without `*` matches itself and `*`
+/// matches everything.
+#[doc(hidden)]
+pub fn fuzz_token(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let (pattern, token) = text.split_once('\n').unwrap_or(("sub-*", text));
+    if !pattern.contains('*') {
+        assert!(rules::glob_match(pattern, pattern), "{pattern:?}");
+    }
+    assert!(rules::glob_match("*", token));
+    let Ok(jwt) = jwt::parse(token) else {
+        return;
+    };
+    assert!(token.len() <= jwt::MAX_TOKEN_BYTES);
+    let _ = oidc::allowed_algorithm(&jwt.header.alg);
+    for claim in jwt.claims.keys().take(8) {
+        if let Ok(rule) = rules::ClaimRule::new(claim, vec![pattern.to_owned()]) {
+            let raw = [(claim.clone(), rules::RawPatterns::One(pattern.to_owned()))].into();
+            if let Ok(set) = ClaimRules::from_raw(&raw) {
+                let _ = set.first_mismatch(&jwt.claims);
+            }
+            drop(rule);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+    #[test]
+    fn the_fuzz_hook_survives_its_seeds() {
+        let enc = |s: &str| URL_SAFE_NO_PAD.encode(s);
+        let token = format!(
+            "{}.{}.{}",
+            enc(r#"{"alg":"RS256","kid":"k"}"#),
+            enc(r#"{"sub":"repo:org/app","repository":"org/app","n":5}"#),
+            enc("sig")
+        );
+        for input in [
+            format!("repo:*\n{token}"),
+            format!("org/app\n{token}"),
+            token.clone(),
+            "\n".into(),
+            "*\n..".into(),
+            String::new(),
+        ] {
+            super::fuzz_token(input.as_bytes());
+        }
+        super::fuzz_token(&[0xff, 0xfe]);
+    }
+}
+
 #[cfg(test)]
 impl OidcTrust {
     pub(crate) fn for_tests(issuer: &str, identity_claim: &str) -> Self {
