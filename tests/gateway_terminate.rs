@@ -144,11 +144,21 @@ async fn a_thousand_concurrent_connections_are_served() {
         }
     }
     if failed > 0 {
-        let rejected: Vec<String> =
-            gw.metrics().await.lines().filter(|l| l.contains("rejected_total")).map(String::from).collect();
+        let rejected: Vec<String> = gw
+            .metrics()
+            .await
+            .lines()
+            .filter(|l| l.contains("rejected_total"))
+            .map(String::from)
+            .collect();
         panic!("{failed} of 1000 connections failed; refusals: {rejected:#?}");
     }
-    gw.wait_metric("bkpool_gateway_connections_open", &[("pool", "local/a")], 1000.0).await;
+    gw.wait_metric(
+        "bkpool_gateway_connections_open",
+        &[("pool", "local/a")],
+        1000.0,
+    )
+    .await;
     // All 1000 at once, full duplex: each echoes again while all are open.
     let round: Vec<_> = open
         .into_iter()
@@ -169,8 +179,20 @@ async fn a_thousand_concurrent_connections_are_served() {
         open.push(t.await.unwrap());
     }
     drop(open);
-    gw.wait_metric("bkpool_gateway_connections_open", &[("pool", "local/a")], 0.0).await;
-    assert_eq!(gw.metric("bkpool_gateway_connections_accepted_total", &[("pool", "local/a")]).await, 1000.0);
+    gw.wait_metric(
+        "bkpool_gateway_connections_open",
+        &[("pool", "local/a")],
+        0.0,
+    )
+    .await;
+    assert_eq!(
+        gw.metric(
+            "bkpool_gateway_connections_accepted_total",
+            &[("pool", "local/a")]
+        )
+        .await,
+        1000.0
+    );
 }
 
 /// Runs `attempt` and checks the gateway refused it with `reason`, and that a good client is

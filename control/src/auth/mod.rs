@@ -294,18 +294,36 @@ impl Authenticator {
             Ok(jwt) => jwt,
             Err(e) => return ("none", Err(e.into())),
         };
-        let trusted = auth
+        let trusted: Vec<&OidcTrust> = auth
             .issuers
             .iter()
-            .find(|t| jwt.issuer() == Some(t.issuer.as_str()));
-        match (trusted, &self.kube) {
-            (Some(trust), _) => (Method::Oidc.label(), self.oidc(&jwt, trust).await),
-            (None, Some(kube)) if auth.serviceaccounts => {
+            .filter(|t| jwt.issuer() == Some(t.issuer.as_str()))
+            .collect();
+        match (trusted.is_empty(), &self.kube) {
+            (false, _) => (Method::Oidc.label(), self.oidc_any(&jwt, &trusted).await),
+            (true, Some(kube)) if auth.serviceaccounts => {
                 let result = self.serviceaccount(kube, token, pool).await;
                 (Method::ServiceAccount.label(), result)
             }
             _ => ("none", Err(AuthError::IssuerNotTrusted)),
         }
+    }
+
+    /// The first of the pool's entries for this issuer the token satisfies (a pool may list
+    /// one issuer twice, e.g. with rules for two repositories), else the last refusal.
+    async fn oidc_any(
+        &self,
+        jwt: &jwt::UnverifiedJwt<'_>,
+        trusted: &[&OidcTrust],
+    ) -> Result<Caller, AuthError> {
+        let mut last = Err(AuthError::IssuerNotTrusted);
+        for trust in trusted {
+            last = self.oidc(jwt, trust).await;
+            if last.is_ok() {
+                break;
+            }
+        }
+        last
     }
 
     async fn oidc(

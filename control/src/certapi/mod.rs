@@ -47,6 +47,8 @@ pub use metrics::ApiMetrics;
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// Deadline for handling one request, token verification included.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Request line and headers at most (a bearer token is at most 16 KiB).
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Deadline for a TLS handshake and for reading request headers.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections served at once.
@@ -118,6 +120,7 @@ pub async fn serve(
             let served = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HANDSHAKE_TIMEOUT)
+                .max_buf_size(MAX_HEADER_BYTES)
                 .serve_connection(TokioIo::new(tls), TowerToHyperService::new(router))
                 .await;
             if let Err(e) = served {
