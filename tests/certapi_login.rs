@@ -2,6 +2,9 @@
 //! certificate (key and CSR made by login), and a real `bkpool gateway` letting that
 //! certificate into its pool and no other.
 
+#[path = "../control/tests/support/issuer.rs"]
+#[allow(dead_code)]
+mod issuer;
 mod support;
 
 use std::io::{BufRead, BufReader};
@@ -26,7 +29,20 @@ const TOKEN: &str = "ci-token-0123456789abcdef";
 struct CertApi {
     child: Child,
     addr: SocketAddr,
+    log: Arc<std::sync::Mutex<Vec<String>>>,
     _dir: tempfile::TempDir,
+}
+
+impl CertApi {
+    /// The audit lines logged so far, as JSON.
+    fn audit(&self) -> Vec<serde_json::Value> {
+        let lines = self.log.lock().unwrap().clone();
+        lines
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "bkpool::audit")
+            .collect()
+    }
 }
 
 impl Drop for CertApi {
@@ -37,6 +53,11 @@ impl Drop for CertApi {
 }
 
 fn start_certapi(pki: &TestPki, gateway: SocketAddr) -> CertApi {
+    let pools = "[[pool]]\nname = \"local/a\"\nmax_ttl = \"15m\"\n[[pool]]\nname = \"local/b\"\n";
+    start_certapi_with(pki, gateway, pools)
+}
+
+fn start_certapi_with(pki: &TestPki, gateway: SocketAddr, extra: &str) -> CertApi {
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("tokens.toml");
     let token_file =
@@ -45,8 +66,7 @@ fn start_certapi(pki: &TestPki, gateway: SocketAddr) -> CertApi {
     std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o600)).unwrap();
     let config = dir.path().join("certapi.toml");
     let text = format!(
-        "listen = \"127.0.0.1:0\"\npki_dir = {:?}\nendpoints = [\"{gateway}\"]\nstatic_tokens = {:?}\n\
-         [[pool]]\nname = \"local/a\"\nmax_ttl = \"15m\"\n[[pool]]\nname = \"local/b\"\n",
+        "listen = \"127.0.0.1:0\"\npki_dir = {:?}\nendpoints = [\"{gateway}\"]\nstatic_tokens = {:?}\n{extra}",
         pki.dir(),
         tokens
     );
@@ -61,6 +81,8 @@ fn start_certapi(pki: &TestPki, gateway: SocketAddr) -> CertApi {
         .unwrap();
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = log.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if line.contains("certificate API listening") {
@@ -68,14 +90,17 @@ fn start_certapi(pki: &TestPki, gateway: SocketAddr) -> CertApi {
                 let addr = v["fields"]["listen"].as_str().unwrap().parse().unwrap();
                 let _ = tx.send(addr);
             }
+            sink.lock().unwrap().push(line);
         }
     });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("certapi did not start");
+    let Ok(addr) = rx.recv_timeout(Duration::from_secs(20)) else {
+        let _ = child.kill();
+        panic!("certapi did not start:\n{}", log.lock().unwrap().join("\n"));
+    };
     CertApi {
         child,
         addr,
+        log,
         _dir: dir,
     }
 }
@@ -184,6 +209,26 @@ async fn login_gets_a_certificate_that_opens_its_pool_and_no_other() {
         !work.path().join("tls-b").exists(),
         "nothing written on refusal"
     );
+
+    let decisions: Vec<(String, String, String, String)> = api
+        .audit()
+        .iter()
+        .map(|v| {
+            let field = |k: &str| v["fields"][k].as_str().unwrap_or("").to_owned();
+            (
+                field("identity"),
+                field("pool"),
+                field("result"),
+                field("reason"),
+            )
+        })
+        .collect();
+    let expected = [
+        ("ci-bot", "local/a", "issued", ""),
+        ("", "local/b", "denied", "pool_not_allowed"),
+    ]
+    .map(|(a, b, c, d)| (a.to_owned(), b.to_owned(), c.to_owned(), d.to_owned()));
+    assert_eq!(decisions, expected, "one audit line per decision");
 }
 
 #[tokio::test]
@@ -210,4 +255,78 @@ async fn login_exec_runs_the_command_with_the_certificates_and_its_exit_status()
     );
     let stdout = String::from_utf8_lossy(&done.stdout);
     assert_eq!(stdout.trim(), format!("tcp://{}", gw.listen));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_from_github_actions_trades_the_runner_token_for_a_certificate() {
+    use issuer::{SigningKey, TestIssuer, now_plus};
+    let pki = Arc::new(TestPki::new().pool("a").pool("b"));
+    let backend = backends::echo().await;
+    let gw = gateway(&pki).pool("a", backend.addr).start();
+    let oidc = TestIssuer::start().await;
+    let key = SigningKey::rsa("gh-1");
+    oidc.publish("gh", &[&key]);
+    let work = tempfile::tempdir().unwrap();
+    let roots = work.path().join("oidc-ca.pem");
+    std::fs::write(&roots, oidc.ca.cert_pem()).unwrap();
+    let pools = format!(
+        "oidc_roots = {roots:?}\n[[pool]]\nname = \"local/a\"\n[[pool.oidc]]\nissuer = {:?}\naudiences = [\"bkpool\"]\n\
+         claims = {{ repository = \"org/app\", ref = [\"refs/heads/main\", \"refs/tags/v*\"] }}\n\
+         [[pool]]\nname = \"local/b\"\n[[pool.oidc]]\nissuer = {:?}\naudiences = [\"bkpool\"]\nclaims = {{ repository = \"org/other\" }}\n",
+        oidc.url("gh"),
+        oidc.url("gh")
+    );
+    let api = start_certapi_with(&pki, gw.listen, &pools);
+    let claims = serde_json::json!({
+        "sub": "repo:org/app:ref:refs/heads/main",
+        "repository": "org/app",
+        "repository_owner": "org",
+        "ref": "refs/heads/main",
+        "iat": now_plus(-5),
+        "nbf": now_plus(-5),
+        "exp": now_plus(300),
+    });
+    oidc.serve_actions_tokens("gh", &key, claims, "runner-request-token");
+    let login_as_github = |pool: &str, out: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_bkpool"))
+            .args([
+                "login",
+                "--github-actions",
+                "--server",
+                &format!("https://{}", api.addr),
+            ])
+            .args(["--pool", pool, "--ca"])
+            .arg(pki.server_ca_path())
+            .arg("--out")
+            .arg(out)
+            .env(
+                "ACTIONS_ID_TOKEN_REQUEST_URL",
+                format!("{}/actions-token?api-version=2.0", oidc.url("gh")),
+            )
+            .env("ACTIONS_ID_TOKEN_REQUEST_TOKEN", "runner-request-token")
+            .env("SSL_CERT_FILE", &roots)
+            .output()
+            .unwrap()
+    };
+    let out = work.path().join("tls");
+    let done = tokio::task::block_in_place(|| login_as_github("local/a", &out));
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert!(
+        stderr.contains("as 127.0.0.1:repo:org/app:ref:refs/heads/main"),
+        "{stderr}"
+    );
+    assert!(echoes(gw.listen, tls_dir_config(&out)).await);
+
+    let refused =
+        tokio::task::block_in_place(|| login_as_github("local/b", &work.path().join("tls-b")));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("claim_rule_mismatch"),
+        "{stderr}"
+    );
 }

@@ -70,9 +70,18 @@ impl SigningKey {
     }
 }
 
+/// What the GitHub Actions token endpoint of an issuer hands out.
+#[derive(Clone)]
+struct ActionsTokens {
+    key: SigningKey,
+    claims: Value,
+    request_token: String,
+}
+
 #[derive(Default)]
 struct Issuers {
     keys: HashMap<String, Vec<Jwk>>,
+    actions: HashMap<String, ActionsTokens>,
     /// Issuer names whose discovery document names another issuer.
     lying: Vec<String>,
 }
@@ -110,6 +119,7 @@ impl TestIssuer {
         let router = Router::new()
             .route("/i/{name}/.well-known/openid-configuration", get(discovery))
             .route("/i/{name}/jwks", get(jwks))
+            .route("/i/{name}/actions-token", get(actions_token))
             .with_state(state.clone());
         let (stop, stopped) = CancelOnDrop::new();
         tokio::spawn(control::certapi::serve(listener, tls, router, stopped));
@@ -152,6 +162,30 @@ impl TestIssuer {
         self.state.issuers.lock().unwrap().lying.push(name.into());
     }
 
+    /// Serves a GitHub Actions-style token endpoint for `name` at
+    /// `{url}/actions-token?api-version=2.0`: with `Authorization: bearer <request_token>` it
+    /// answers `{"value": token}`, the token signed by `key` with `claims`, `iss` and the
+    /// `audience` query parameter as `aud`.
+    pub fn serve_actions_tokens(
+        &self,
+        name: &str,
+        key: &SigningKey,
+        claims: Value,
+        request_token: &str,
+    ) {
+        let tokens = ActionsTokens {
+            key: key.clone(),
+            claims,
+            request_token: request_token.into(),
+        };
+        self.state
+            .issuers
+            .lock()
+            .unwrap()
+            .actions
+            .insert(name.into(), tokens);
+    }
+
     pub fn jwks_fetches(&self) -> usize {
         self.state.jwks_fetches.load(Ordering::SeqCst)
     }
@@ -192,6 +226,26 @@ async fn jwks(
     let issuers = state.issuers.lock().unwrap();
     let keys = issuers.keys.get(&name).ok_or(StatusCode::NOT_FOUND)?;
     Ok(Json(JwkSet { keys: keys.clone() }))
+}
+
+async fn actions_token(
+    State(state): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    axum::extract::Query(query): axum::extract::Query<HashMap<String, String>>,
+    headers: axum::http::HeaderMap,
+) -> Result<Json<Value>, StatusCode> {
+    let addr = state.addr.lock().unwrap().expect("address");
+    let tokens = state.issuers.lock().unwrap().actions.get(&name).cloned();
+    let tokens = tokens.ok_or(StatusCode::NOT_FOUND)?;
+    let expected = format!("bearer {}", tokens.request_token);
+    let given = headers.get("authorization").and_then(|v| v.to_str().ok());
+    if given.map(str::to_ascii_lowercase) != Some(expected.to_ascii_lowercase()) {
+        return Err(StatusCode::UNAUTHORIZED);
+    }
+    let mut claims = tokens.claims.clone();
+    claims["iss"] = format!("https://{addr}/i/{name}").into();
+    claims["aud"] = query.get("audience").cloned().unwrap_or_default().into();
+    Ok(Json(json!({ "value": tokens.key.sign(&claims) })))
 }
 
 /// Seconds since the epoch, shifted by `offset` seconds.
