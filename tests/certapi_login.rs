@@ -29,6 +29,7 @@ const TOKEN: &str = "ci-token-0123456789abcdef";
 struct CertApi {
     child: Child,
     addr: SocketAddr,
+    admin: SocketAddr,
     log: Arc<std::sync::Mutex<Vec<String>>>,
     _dir: tempfile::TempDir,
 }
@@ -72,7 +73,14 @@ fn start_certapi_with(pki: &TestPki, gateway: SocketAddr, extra: &str) -> CertAp
     );
     std::fs::write(&config, text).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_bkpool"))
-        .args(["--log-format", "json", "certapi", "--config"])
+        .args([
+            "--log-format",
+            "json",
+            "certapi",
+            "--admin",
+            "127.0.0.1:0",
+            "--config",
+        ])
         .arg(&config)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -87,19 +95,20 @@ fn start_certapi_with(pki: &TestPki, gateway: SocketAddr, extra: &str) -> CertAp
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if line.contains("certificate API listening") {
                 let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-                let addr = v["fields"]["listen"].as_str().unwrap().parse().unwrap();
-                let _ = tx.send(addr);
+                let addr = |k: &str| v["fields"][k].as_str().unwrap().parse().unwrap();
+                let _ = tx.send((addr("listen"), addr("admin")));
             }
             sink.lock().unwrap().push(line);
         }
     });
-    let Ok(addr) = rx.recv_timeout(Duration::from_secs(20)) else {
+    let Ok((addr, admin)) = rx.recv_timeout(Duration::from_secs(20)) else {
         let _ = child.kill();
         panic!("certapi did not start:\n{}", log.lock().unwrap().join("\n"));
     };
     CertApi {
         child,
         addr,
+        admin,
         log,
         _dir: dir,
     }
@@ -229,6 +238,15 @@ async fn login_gets_a_certificate_that_opens_its_pool_and_no_other() {
     ]
     .map(|(a, b, c, d)| (a.to_owned(), b.to_owned(), c.to_owned(), d.to_owned()));
     assert_eq!(decisions, expected, "one audit line per decision");
+
+    let (status, metrics) = support::http_get(api.admin, "/metrics").await;
+    assert_eq!(status, 200);
+    for line in [
+        r#"bkpool_certapi_certificates_issued_total{pool="local/a",method="static"} 1"#,
+        r#"bkpool_certapi_requests_denied_total{pool="local/b",reason="pool_not_allowed"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
+    }
 }
 
 #[tokio::test]

@@ -35,11 +35,22 @@ pub struct KubeApi {
     auth: Credential,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 enum Credential {
     None,
     Token(String),
     TokenFile(PathBuf),
+}
+
+impl std::fmt::Debug for Credential {
+    /// Never prints the token.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::None => f.write_str("None"),
+            Self::Token(_) => f.write_str("Token(..)"),
+            Self::TokenFile(p) => write!(f, "TokenFile({})", p.display()),
+        }
+    }
 }
 
 /// A user TokenReview authenticated.
@@ -407,6 +418,25 @@ fn config(path: &Path, problem: impl std::fmt::Display) -> KubeError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_output_never_shows_the_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kubeconfig");
+        let ca = crate::pki::Ca::generate("k", std::time::Duration::from_secs(60)).unwrap();
+        use base64::Engine;
+        let ca_data = base64::engine::general_purpose::STANDARD.encode(ca.cert_pem());
+        let text = format!(
+            "current-context: c\ncontexts:\n- name: c\n  context: {{cluster: k, user: u}}\n\
+             clusters:\n- name: k\n  cluster: {{server: 'https://127.0.0.1:6443/', certificate-authority-data: {ca_data}}}\n\
+             users:\n- name: u\n  user: {{token: very-secret-token}}\n"
+        );
+        std::fs::write(&path, text).unwrap();
+        let api = KubeApi::from_kubeconfig(&path).unwrap();
+        assert_eq!(api.server(), "https://127.0.0.1:6443");
+        let shown = format!("{api:?}");
+        assert!(!shown.contains("very-secret"), "{shown}");
+    }
 
     #[test]
     fn a_kubeconfig_without_its_context_is_a_config_error_naming_the_file() {
