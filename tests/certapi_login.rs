@@ -348,3 +348,92 @@ async fn login_from_github_actions_trades_the_runner_token_for_a_certificate() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_with_a_serviceaccount_token_reviewed_by_the_api_server() {
+    use control::auth::KubeApi;
+    use serde_json::json;
+    let Ok(kubeconfig) = std::env::var("BKPOOL_TEST_KUBECONFIG") else {
+        eprintln!(
+            "skipped: BKPOOL_TEST_KUBECONFIG is not set (../shared/tools/kube-local/start.sh)"
+        );
+        return;
+    };
+    let kube = KubeApi::from_kubeconfig(kubeconfig.as_ref()).unwrap();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let ns = format!("bkpool-login-{}-{nanos}", std::process::id());
+    let create = |path: String, body: serde_json::Value| {
+        let kube = kube.clone();
+        async move { kube.create(&path, &body).await.unwrap() }
+    };
+    create(
+        "/api/v1/namespaces".into(),
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+    )
+    .await;
+    create(
+        format!("/api/v1/namespaces/{ns}/serviceaccounts"),
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "builder"}}),
+    )
+    .await;
+    create(format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles"), json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "bkpool"},
+        "rules": [{"apiGroups": ["bkpool.dev"], "resources": ["buildkitpools/certificates"], "verbs": ["create"]}],
+    })).await;
+    create(format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings"), json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "bkpool"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "bkpool"},
+        "subjects": [{"kind": "ServiceAccount", "name": "builder", "namespace": ns}],
+    })).await;
+    let answer = create(
+        format!("/api/v1/namespaces/{ns}/serviceaccounts/builder/token"),
+        json!({
+            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+            "spec": {"audiences": ["bkpool"], "expirationSeconds": 600},
+        }),
+    )
+    .await;
+    let work = tempfile::tempdir().unwrap();
+    let token = work.path().join("sa-token");
+    std::fs::write(&token, answer["status"]["token"].as_str().unwrap()).unwrap();
+
+    let pki = Arc::new(TestPki::new().pool("a"));
+    let backend = backends::echo().await;
+    let gw = gateway(&pki).pool("a", backend.addr).start();
+    let pools = format!(
+        "[kubernetes]\nkubeconfig = {kubeconfig:?}\n[[pool]]\nname = \"{ns}/app\"\nserviceaccounts = true\n"
+    );
+    let api = start_certapi_with(&pki, gw.listen, &pools);
+    let out = work.path().join("tls");
+    let mut done = None;
+    // RBAC takes a moment to see the new binding.
+    for _ in 0..30 {
+        let output = Command::new(env!("CARGO_BIN_EXE_bkpool"))
+            .args(["login", "--server", &format!("https://{}", api.addr)])
+            .args(["--pool", &format!("{ns}/app"), "--serviceaccount"])
+            .arg(&token)
+            .arg("--ca")
+            .arg(pki.server_ca_path())
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        let denied = String::from_utf8_lossy(&output.stderr).contains("access_denied");
+        done = Some(output);
+        if !denied {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let done = done.unwrap();
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert!(done.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("as system:serviceaccount:{ns}:builder")),
+        "{stderr}"
+    );
+    let _ = kube.delete(&format!("/api/v1/namespaces/{ns}")).await;
+}
