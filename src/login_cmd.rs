@@ -50,7 +50,8 @@ pub struct Args {
     /// Run the command after `--` with the certificates in place and exit with its status.
     #[arg(long, requires = "command")]
     exec: bool,
-    #[arg(last = true, value_name = "COMMAND")]
+    /// The command `--exec` runs (BUILDKIT_HOST, BKPOOL_TLS_DIR, BKPOOL_TLS_CA/_CERT/_KEY set).
+    #[arg(last = true, value_name = "COMMAND", requires = "exec")]
     command: Vec<String>,
 }
 
