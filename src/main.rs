@@ -4,12 +4,20 @@
 //! - `demo`: writes demonstration certificates and a gateway configuration.
 //! - `certapi`: the certificate API over the local PKI (tokens in, short-lived certificates out).
 //! - `login`: trade a CI token for a client certificate, optionally running a command with it.
+//! - `local`: gateway, control loop and local replicas in one process (scale to zero).
+//! - `cert issue`: a client certificate for a local pool, in `buildctl --tlsdir` layout.
+//! - `status`: the pools of a running `bkpool local`.
+//! - `standin` (hidden): the stand-in backend, run as a replica process.
 
+mod cert_cmd;
 mod certapi_cmd;
 mod demo;
 mod gateway_cmd;
+mod local_cmd;
 mod login_cmd;
 mod shutdown;
+mod standin_cmd;
+mod status_cmd;
 
 use std::process::ExitCode;
 
@@ -51,6 +59,16 @@ enum Command {
     Certapi(certapi_cmd::Args),
     /// Get a short-lived client certificate for a pool with a CI token.
     Login(login_cmd::Args),
+    /// Run local pools that sleep when idle and wake on connect, behind the gateway.
+    Local(local_cmd::Args),
+    /// Client certificates for local pools.
+    #[command(subcommand)]
+    Cert(cert_cmd::Command),
+    /// Show the pools of a running `bkpool local`.
+    Status(status_cmd::Args),
+    /// The built-in stand-in backend (run by `bkpool local --standin` as a replica).
+    #[command(hide = true)]
+    Standin(standin_cmd::Args),
 }
 
 fn main() -> ExitCode {
@@ -67,6 +85,10 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Gateway(args) => gateway_cmd::run(args).await.map(|()| ExitCode::SUCCESS),
             Command::Demo(args) => demo::run(args).map(|()| ExitCode::SUCCESS),
+            Command::Local(args) => local_cmd::run(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Cert(command) => cert_cmd::run(command).map(|()| ExitCode::SUCCESS),
+            Command::Status(args) => status_cmd::run(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Standin(args) => standin_cmd::run(args).await.map(|()| ExitCode::SUCCESS),
             Command::Certapi(args) => certapi_cmd::run(args).await.map(|()| ExitCode::SUCCESS),
             Command::Login(args) => login_cmd::run(args).await,
         }
