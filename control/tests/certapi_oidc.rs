@@ -820,3 +820,43 @@ async fn each_identity_is_rate_limited_on_its_own() {
     );
     let _ = api.jwks.size();
 }
+
+#[tokio::test]
+async fn keys_older_than_max_age_are_refetched_and_a_failed_refresh_keeps_them() {
+    let issuer = TestIssuer::start().await;
+    let key = SigningKey::ec("k1");
+    issuer.publish("a", &[&key]);
+    let limits = JwksLimits {
+        max_age: Duration::from_millis(200),
+        refetch_interval: Duration::from_millis(100),
+        ..JwksLimits::default()
+    };
+    let cache = JwksCache::new(issuer.client(), limits);
+    let url = issuer.url("a");
+    cache.key(&url, Some("k1")).await.unwrap();
+    cache.key(&url, Some("k1")).await.unwrap();
+    assert_eq!(
+        issuer.jwks_fetches(),
+        1,
+        "fresh keys are served from the cache"
+    );
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    cache.key(&url, Some("k1")).await.unwrap();
+    assert_eq!(issuer.jwks_fetches(), 2, "stale keys are refetched");
+
+    issuer.lie_about("a");
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    cache
+        .key(&url, Some("k1"))
+        .await
+        .expect("a failed refresh keeps the last good keys");
+    assert_eq!(issuer.jwks_fetches(), 2);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let err = cache.key(&url, Some("k1")).await.unwrap_err();
+    assert_eq!(
+        err.reason(),
+        "issuer_discovery_failed",
+        "but not past 4 × max_age"
+    );
+    assert_eq!(cache.size().1, 0);
+}

@@ -29,6 +29,9 @@ use tokio::time::Instant;
 
 use crate::https::{HttpsClient, is_https_url};
 
+/// How many times `max_age` cached keys outlive failed refreshes.
+pub const STALE_FACTOR: u32 = 4;
+
 /// Cache bounds and timings.
 #[derive(Debug, Clone, Copy)]
 pub struct JwksLimits {
@@ -54,6 +57,15 @@ pub struct VerifyKey {
     pub kid: Option<String>,
     pub key: DecodingKey,
     pub algorithms: &'static [Algorithm],
+}
+
+impl std::fmt::Debug for VerifyKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifyKey")
+            .field("kid", &self.kid)
+            .field("algorithms", &self.algorithms)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why no key could be had for a token.
@@ -151,9 +163,13 @@ impl JwksCache {
                     keys.fetched_at = Some(now);
                     slot.key_count.store(keys.keys.len(), Relaxed);
                 }
-                // A failed refresh keeps the keys we had; a cold cache has nothing to offer.
-                Err(e) if keys.keys.is_empty() => {
+                // A failed refresh keeps the keys we had for a while (an issuer outage should
+                // not stop builds), but not forever: a key the issuer withdrew must not live on
+                // because its JWKS stayed unreachable. A cold cache has nothing to offer.
+                Err(e) if keys.keys.is_empty() || self.too_stale(&keys, now) => {
                     self.count("error");
+                    keys.keys.clear();
+                    slot.key_count.store(0, Relaxed);
                     return Err(e);
                 }
                 Err(e) => {
@@ -240,6 +256,12 @@ impl JwksCache {
             return Err(format!("HTTP {}", response.status.as_u16()));
         }
         serde_json::from_slice(&response.body).map_err(|e| format!("bad JSON: {e}"))
+    }
+
+    /// Keys are served past a failed refresh for at most [`STALE_FACTOR`] times `max_age`.
+    fn too_stale(&self, keys: &IssuerKeys, now: Instant) -> bool {
+        keys.fetched_at
+            .is_none_or(|t| now.duration_since(t) >= self.limits.max_age * STALE_FACTOR)
     }
 
     fn count(&self, result: &'static str) {
