@@ -466,6 +466,20 @@ async fn every_bad_token_is_refused_with_its_own_reason() {
             StatusCode::NOT_FOUND,
             "pool_not_found",
         ),
+        (
+            "probing for pools with a bad token",
+            api.token_with(|c| c["exp"] = now_plus(-3600).into()),
+            "team-a/nope",
+            StatusCode::UNAUTHORIZED,
+            "token_expired",
+        ),
+        (
+            "probing another namespace for pools",
+            good.clone(),
+            "team-b/nope",
+            StatusCode::UNAUTHORIZED,
+            "issuer_not_trusted",
+        ),
     ];
     let mut seen = Vec::new();
     for (what, token, pool, status, reason) in cases {
@@ -508,7 +522,10 @@ async fn every_bad_token_is_refused_with_its_own_reason() {
         ),
         "{metrics}"
     );
-    assert!(metrics.contains(r#"bkpool_certapi_token_verification_duration_seconds_count{method="oidc",result="ok"} 1"#), "{metrics}");
+    // Two good verifications: the probe for team-a/nope and the last request.
+    let verified =
+        r#"bkpool_certapi_token_verification_duration_seconds_count{method="oidc",result="ok"} 2"#;
+    assert!(metrics.contains(verified), "{metrics}");
     assert!(
         metrics.contains(r#"bkpool_certapi_jwks_fetches_total{result="ok"}"#),
         "{metrics}"

@@ -164,10 +164,14 @@ async fn admit(
     headers: &HeaderMap,
 ) -> Result<(Arc<PoolEntry>, Caller), ApiError> {
     let token = bearer(headers).inspect_err(|e| deny(state, "", None, e))?;
-    let id = PoolId::new(ns, name).map_err(|_| ApiError::BadPoolName);
-    let pool = id
-        .and_then(|id| state.directory.pool(&id).ok_or(ApiError::PoolNotFound))
+    let id = PoolId::new(ns, name)
+        .map_err(|_| ApiError::BadPoolName)
         .inspect_err(|e| deny(state, "", None, e))?;
+    let Some(pool) = state.directory.pool(&id) else {
+        let e = missing_pool(state, token, ns).await;
+        deny(state, "", None, &e);
+        return Err(e);
+    };
     let label = pool.id.as_str();
     let caller = state
         .auth
@@ -181,6 +185,20 @@ async fn admit(
         return Err(e);
     }
     Ok((pool, caller))
+}
+
+/// What a caller asking for a pool that does not exist is told: "no such pool" only when its
+/// token is good for some pool of that namespace, so pool names cannot be probed without a
+/// token; otherwise why the token is refused.
+async fn missing_pool(state: &ApiState, token: &str, ns: &str) -> ApiError {
+    let mut refusal = None;
+    for pool in state.directory.pools_in(ns).into_iter().take(MAX_LISTED) {
+        match state.auth.authorize(token, &pool.id, &pool.auth).await {
+            Ok(_) => return ApiError::PoolNotFound,
+            Err(e) => refusal = refusal.or(Some(e)),
+        }
+    }
+    refusal.map_or(ApiError::PoolNotFound, ApiError::Auth)
 }
 
 fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
