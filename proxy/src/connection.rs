@@ -3,6 +3,10 @@
 //!
 //! Every refusal is counted with a fixed reason; every slot is an RAII permit held by this
 //! function's frame, so an early return releases everything.
+//!
+//! The handshake, backend TLS and relay futures are boxed, and TLS streams stay boxed: a
+//! task's allocation is as large as its largest state, for its whole life, and most
+//! connections spend that life idle. Inline, they made each task about 7.7 KiB.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -74,15 +78,21 @@ pub async fn handle(gateway: &Arc<Gateway>, tcp: TcpStream, peer: SocketAddr, _s
                 |backend| async move {
                     let settings = settings(&pool);
                     let Some(tls) = &pool.backend_tls else {
-                        return Ok(
-                            relay::copy(*stream, backend.tcp, &settings, &backend.tally).await
-                        );
+                        return Ok(Box::pin(relay::copy(
+                            stream,
+                            backend.tcp,
+                            &settings,
+                            &backend.tally,
+                        ))
+                        .await);
                     };
-                    match connect::secure(backend.tcp, backend.addr, tls, pool.connect_timeout)
-                        .await
-                    {
+                    let secure =
+                        connect::secure(backend.tcp, backend.addr, tls, pool.connect_timeout);
+                    match Box::pin(secure).await {
                         Ok(secured) => {
-                            Ok(relay::copy(*stream, secured, &settings, &backend.tally).await)
+                            let relay =
+                                relay::copy(stream, Box::new(secured), &settings, &backend.tally);
+                            Ok(Box::pin(relay).await)
                         }
                         Err(e) => {
                             tracing::warn!(pool = %pool.id, error = %e, "backend TLS failed");
@@ -103,7 +113,7 @@ pub async fn handle(gateway: &Arc<Gateway>, tcp: TcpStream, peer: SocketAddr, _s
                 // The replayed ClientHello is the first of the client's bytes.
                 backend.tally.moved(Direction::Inbound, relay::Path::Copy, hello.len() as u64);
                 drop(hello);
-                Ok(relay::splice(tcp, backend.tcp, &settings(&pool), &backend.tally).await)
+                Ok(Box::pin(relay::splice(tcp, backend.tcp, &settings(&pool), &backend.tally)).await)
             })
             .await
         }
