@@ -2,7 +2,10 @@
 //!
 //! - `gateway`: the standalone mTLS gateway with static backends.
 //! - `demo`: writes demonstration certificates and a gateway configuration.
+//! - `controller`: the Kubernetes operator (leader-elected).
+//! - `crd`: prints the `BuildKitPool` CustomResourceDefinition.
 
+mod controller_cmd;
 mod demo;
 mod gateway_cmd;
 mod shutdown;
@@ -43,6 +46,10 @@ enum Command {
     Gateway(gateway_cmd::Args),
     /// Write demonstration certificates and a gateway configuration to a directory.
     Demo(demo::Args),
+    /// Run the Kubernetes operator for BuildKitPool resources.
+    Controller(controller_cmd::Args),
+    /// Print the BuildKitPool CustomResourceDefinition (YAML).
+    Crd,
 }
 
 fn main() -> ExitCode {
@@ -59,6 +66,11 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Gateway(args) => gateway_cmd::run(args).await,
             Command::Demo(args) => demo::run(args),
+            Command::Controller(args) => controller_cmd::run(args).await,
+            Command::Crd => {
+                print!("{}", control::crd::yaml::crd_yaml());
+                Ok(())
+            }
         }
     });
     match result {
