@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "camelCase")]
 pub struct BuildKitPoolStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "phase_schema")]
     pub phase: Option<Phase>,
     /// Ready, PKIReady, WorkloadReady, Validated.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -59,6 +60,16 @@ impl Phase {
             Self::Degraded => "Degraded",
         }
     }
+}
+
+/// A plain string enum: the derived schema of an optional enum lists `null` among the values,
+/// which Kubernetes 1.20 cannot decode.
+fn phase_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "string",
+        "enum": Phase::ALL.map(Phase::as_str),
+        "description": "Sleeping, Waking, Ready, Draining or Degraded.",
+    })
 }
 
 impl BuildKitPoolStatus {

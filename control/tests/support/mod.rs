@@ -13,7 +13,7 @@ use control::operator::controller::{self, Scope};
 use control::operator::metrics::Metrics;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, PostParams};
 use kube::{Client, ResourceExt};
 use tokio::sync::oneshot;
 
@@ -98,11 +98,26 @@ impl Drop for TestNamespace {
 /// Installs (or updates) the CRD and waits until it is Established.
 pub async fn install_crd(client: &Client) {
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd = control::crd::yaml::crd();
-    let params = PatchParams::apply("bkpool-tests").force();
-    api.patch(&crd.name_any(), &params, &Patch::Apply(&crd))
-        .await
-        .expect("apply CRD");
+    // Create or replace: Kubernetes 1.20 mangles a server-side apply of an
+    // apiextensions/v1 CRD (it loses subresources and columns), as kubectl never does.
+    let mut crd = control::crd::yaml::crd();
+    match api.create(&PostParams::default(), &crd).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            let current = api.get(&crd.name_any()).await.expect("get CRD");
+            crd.metadata.resource_version = current.resource_version();
+            match api
+                .replace(&crd.name_any(), &PostParams::default(), &crd)
+                .await
+            {
+                Ok(_) => {}
+                // Another test replaced it first with the same content.
+                Err(kube::Error::Api(s)) if s.code == 409 => {}
+                Err(e) => panic!("replace CRD: {e}"),
+            }
+        }
+        Err(e) => panic!("create CRD: {e}"),
+    }
     eventually("CRD established", Duration::from_secs(20), || {
         let api = api.clone();
         async move {
