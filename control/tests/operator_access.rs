@@ -111,6 +111,7 @@ async fn two_contenders_elect_one_leader_and_the_other_takes_over() {
     assert!(spec.lease_transitions.unwrap() >= 2, "{spec:?}");
     let _ = c.stop.take().unwrap().send(());
     let _ = c.task.await;
+    ns.delete().await;
 }
 
 #[tokio::test]
@@ -216,6 +217,7 @@ async fn the_controller_does_its_job_with_the_deployed_rbac_and_nothing_more() {
         .delete(&cluster_names, &DeleteParams::default())
         .await;
     let _ = roles.delete(&cluster_names, &DeleteParams::default()).await;
+    ns.delete().await;
 }
 
 /// Creates deploy/'s controller RBAC, moved into `ns` (cluster-wide names get `-<ns>`).

@@ -133,6 +133,7 @@ async fn the_server_refuses_pools_the_schema_forbids_and_fills_defaults() {
         pool.spec.workload.kind,
         control::crd::WorkloadKind::Deployment
     );
+    ns.delete().await;
 }
 
 #[tokio::test]
@@ -273,6 +274,7 @@ async fn a_pool_becomes_its_objects_updates_them_and_then_writes_nothing() {
     let status = wait_phase(&client, &ns.name, "web", Phase::Waking).await;
     assert_eq!(status.replicas, Some(3));
     controller.stop().await;
+    ns.delete().await;
 }
 
 #[tokio::test]
@@ -329,6 +331,7 @@ async fn an_invalid_pool_is_reported_and_creates_nothing() {
         .unwrap();
     wait_phase(&client, &ns.name, "bad", Phase::Sleeping).await;
     controller.stop().await;
+    ns.delete().await;
 }
 
 #[tokio::test]
@@ -367,6 +370,7 @@ async fn deleting_a_pool_collects_everything_it_owned() {
     })
     .await;
     controller.stop().await;
+    ns.delete().await;
 }
 
 #[tokio::test]
@@ -450,6 +454,7 @@ async fn a_pod_made_ready_wakes_the_pool_with_an_event() {
         .await;
     wait_phase(&client, &ns.name, "w", Phase::Sleeping).await;
     controller.stop().await;
+    ns.delete().await;
 }
 
 fn total_writes(controller: &RunningController) -> u64 {

@@ -23,24 +23,12 @@ use super::status::BuildKitPoolStatus;
     category = "bkpool",
     namespaced,
     status = "BuildKitPoolStatus",
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.replicas"),
-    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
-    printcolumn(
-        name = "Connections",
-        type_ = "integer",
-        json_path = ".status.openConnections"
-    ),
-    printcolumn(
-        name = "Last Activity",
-        type_ = "date",
-        json_path = ".status.lastActivityTime"
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn = r#"{"name": "Phase", "type": "string", "jsonPath": ".status.phase"}"#,
+    printcolumn = r#"{"name": "Replicas", "type": "integer", "jsonPath": ".status.replicas"}"#,
+    printcolumn = r#"{"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"}"#,
+    printcolumn = r#"{"name": "Connections", "type": "integer", "jsonPath": ".status.openConnections"}"#,
+    printcolumn = r#"{"name": "Last Activity", "type": "date", "jsonPath": ".status.lastActivityTime"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct BuildKitPoolSpec {
@@ -212,7 +200,7 @@ pub struct WarmWindow {
 }
 
 /// How the gateway serves this pool.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Gateway {
     #[serde(default)]
@@ -332,17 +320,6 @@ impl Default for Scaling {
             max_held: default_max_held(),
             target_connections_per_replica: default_target_connections(),
             warm_windows: Vec::new(),
-        }
-    }
-}
-
-impl Default for Gateway {
-    fn default() -> Self {
-        Self {
-            mode: GatewayMode::default(),
-            hosts: Vec::new(),
-            max_connections: 0,
-            max_connections_per_identity: 0,
         }
     }
 }

@@ -61,7 +61,7 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
-/// A fresh namespace, deleted (without waiting) when dropped.
+/// A fresh namespace; tests delete it at the end (one left by a failed test shows what happened).
 pub struct TestNamespace {
     pub name: String,
     client: Client,
@@ -83,15 +83,11 @@ impl TestNamespace {
     }
 }
 
-impl Drop for TestNamespace {
-    fn drop(&mut self) {
-        let (client, name) = (self.client.clone(), self.name.clone());
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                let api: Api<Namespace> = Api::all(client);
-                let _ = api.delete(&name, &DeleteParams::default()).await;
-            });
-        }
+impl TestNamespace {
+    /// Deletes the namespace without waiting (deletion takes at least 5 s).
+    pub async fn delete(self) {
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        let _ = api.delete(&self.name, &DeleteParams::default()).await;
     }
 }
 
