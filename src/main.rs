@@ -4,11 +4,19 @@
 //! - `demo`: writes demonstration certificates and a gateway configuration.
 //! - `controller`: the Kubernetes operator (leader-elected).
 //! - `crd`: prints the `BuildKitPool` CustomResourceDefinition.
+//! - `local`: gateway, control loop and local replicas in one process (scale to zero).
+//! - `cert issue`: a client certificate for a local pool, in `buildctl --tlsdir` layout.
+//! - `status`: the pools of a running `bkpool local`.
+//! - `standin` (hidden): the stand-in backend, run as a replica process.
 
+mod cert_cmd;
 mod controller_cmd;
 mod demo;
 mod gateway_cmd;
+mod local_cmd;
 mod shutdown;
+mod standin_cmd;
+mod status_cmd;
 
 use std::process::ExitCode;
 
@@ -50,6 +58,16 @@ enum Command {
     Controller(controller_cmd::Args),
     /// Print the BuildKitPool CustomResourceDefinition (YAML).
     Crd,
+    /// Run local pools that sleep when idle and wake on connect, behind the gateway.
+    Local(local_cmd::Args),
+    /// Client certificates for local pools.
+    #[command(subcommand)]
+    Cert(cert_cmd::Command),
+    /// Show the pools of a running `bkpool local`.
+    Status(status_cmd::Args),
+    /// The built-in stand-in backend (run by `bkpool local --standin` as a replica).
+    #[command(hide = true)]
+    Standin(standin_cmd::Args),
 }
 
 fn main() -> ExitCode {
@@ -71,6 +89,10 @@ fn main() -> ExitCode {
                 print!("{}", control::crd::yaml::crd_yaml());
                 Ok(())
             }
+            Command::Local(args) => local_cmd::run(args).await,
+            Command::Cert(command) => cert_cmd::run(command),
+            Command::Status(args) => status_cmd::run(args).await,
+            Command::Standin(args) => standin_cmd::run(args).await,
         }
     });
     match result {

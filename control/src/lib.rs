@@ -1,8 +1,20 @@
 //! bkpool control plane.
 //!
 //! - [`pki`]: CAs, client and server certificates, CSR signing, the local PKI directory.
+//! - [`scale`]: scale to zero and back: the scaler, wake on connect, the driver seam.
+//! - [`local_config`]: the `bkpool local` configuration (pools, scaling, replica commands).
+//! - [`health`]: replica readiness, a gRPC health check over h2c or (m)TLS.
+//! - [`standin`]: the built-in stand-in backend (gRPC health + raw echo on one port).
+//! - [`driver`]: starting and stopping replicas (local processes).
+//! - `grpc`: the hand-encoded gRPC frame and `grpc.health.v1` messages.
 //! - [`crd`]: the `BuildKitPool` custom resource, its schema and semantic validation.
 //! - [`operator`]: the Kubernetes reconcilers, the controller and leader election.
 pub mod crd;
+pub mod driver;
+mod grpc;
+pub mod health;
+pub mod local_config;
 pub mod operator;
 pub mod pki;
+pub mod scale;
+pub mod standin;

@@ -907,7 +907,7 @@ mod tests {
     #[tokio::test]
     async fn read_reports_eof_and_keeps_what_arrived() {
         let hello = rustls_hello("eof.example", &[]);
-        let (mut client, mut server) = tokio::io::duplex(64);
+        let (mut client, mut server) = tokio::io::duplex(4096);
         client.write_all(&hello[..100]).await.unwrap();
         drop(client);
         let mut buf = Vec::new();
@@ -919,7 +919,7 @@ mod tests {
 
     #[tokio::test]
     async fn read_refuses_plaintext_http_and_oversized_hellos() {
-        let (mut client, mut server) = tokio::io::duplex(64);
+        let (mut client, mut server) = tokio::io::duplex(4096);
         client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
         let err = read(&mut server, &mut Vec::new()).await.unwrap_err();
         assert!(
@@ -945,6 +945,23 @@ mod tests {
         assert!(buf.len() <= MAX_CLIENT_HELLO);
         drop(server);
         writer.await.unwrap();
+    }
+
+    /// Refreshes the rustls ClientHellos in the fuzz seed corpus.
+    #[test]
+    #[ignore = "writes fuzz/corpus; run on purpose with --ignored"]
+    fn write_fuzz_seeds() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/corpus/clienthello");
+        let seeds = [
+            (
+                "seed-rustls-sni-h2",
+                rustls_hello("builders.example.com", &["h2"]),
+            ),
+            ("seed-rustls-ip", rustls_hello("127.0.0.1", &[])),
+        ];
+        for (name, bytes) in seeds {
+            std::fs::write(format!("{dir}/{name}"), bytes).unwrap();
+        }
     }
 
     #[test]

@@ -486,7 +486,7 @@ impl Validator<'_> {
 
     fn optional_count(&mut self, path: &str, value: Option<i64>) -> Option<usize> {
         match value {
-            Some(n) if n >= 1 && n <= 1_000_000 => Some(n as usize),
+            Some(n) if (1..=1_000_000).contains(&n) => Some(n as usize),
             Some(n) => {
                 self.fault(path, format!("{n} is out of range (1 to 1000000)"));
                 None

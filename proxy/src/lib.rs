@@ -13,7 +13,7 @@
 //! - [`credentials`]: hot reload of certificates and CA bundles from files.
 //! - [`route`]: the route table and where backends come from.
 //! - [`connect`]: backend dial with fallback, optional backend mTLS.
-//! - [`relay`]: moving bytes: splice(2) for plaintext pairs, pooled-buffer copy otherwise.
+//! - [`relay`]: moves bytes client ↔ backend (splice or pooled copy), half-close, resets, idle.
 //! - [`activity`]: lock-free per-pool activity for the control loop.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/activity`.

@@ -47,6 +47,8 @@ impl Metrics {
         activity: Arc<Activity>,
         admission: Arc<Admission>,
     ) -> Self {
+        // The relay's pools name their metrics in full (`bkpool_gateway_relay_*`).
+        crate::relay::pool::register(registry);
         let gw = registry.sub_registry_with_prefix("bkpool_gateway");
         let metrics = Self {
             rejected: Family::default(),

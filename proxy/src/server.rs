@@ -41,9 +41,12 @@ pub struct Running {
     tasks: Vec<JoinHandle<()>>,
 }
 
+/// Chooses the upstream of each configured pool.
+pub type UpstreamFactory = Box<dyn Fn(&PoolConfig) -> Arc<dyn Upstream> + Send>;
+
 /// How pools get their backends, and what else the admin endpoint serves.
 pub struct Options {
-    pub upstream: Box<dyn Fn(&PoolConfig) -> Arc<dyn Upstream> + Send>,
+    pub upstream: UpstreamFactory,
     pub admin_routes: Router,
     /// Extra metrics registered next to the gateway's (the control loop's, in local mode).
     pub registry: Registry,

@@ -15,9 +15,8 @@ pub struct Sample {
 pub fn parse(text: &str) -> Result<Vec<Sample>, String> {
     let mut families: HashMap<String, String> = HashMap::new();
     let mut samples = Vec::new();
-    let mut lines = text.lines().peekable();
     let mut saw_eof = false;
-    while let Some(line) = lines.next() {
+    for line in text.lines() {
         if saw_eof {
             return Err(format!("content after # EOF: {line:?}"));
         }

@@ -34,17 +34,10 @@ pub(super) async fn duplex<C: Leg, B: Leg>(
     let mut outbound = Half::new(Direction::Outbound);
     let mut joint = Joint::default();
     poll_fn(|cx| {
-        if let Some(end) = joint.poll(Direction::Inbound, meter, || {
-            inbound.poll(cx, client, backend, meter)
-        }) {
-            return Poll::Ready(end);
-        }
-        if let Some(end) = joint.poll(Direction::Outbound, meter, || {
-            outbound.poll(cx, backend, client, meter)
-        }) {
-            return Poll::Ready(end);
-        }
-        Poll::Pending
+        joint.poll(meter, |dir| match dir {
+            Direction::Inbound => inbound.poll(cx, client, backend, meter),
+            Direction::Outbound => outbound.poll(cx, backend, client, meter),
+        })
     })
     .await
 }
@@ -108,15 +101,12 @@ impl Half {
                     Poll::Ready(Read::Failed(stop)) => return Poll::Ready(Err(stop)),
                 },
                 State::Writing { buf, pos, end } => {
-                    let n = ready!(Pin::new(&mut *dst).poll_write(cx, &buf[*pos..*end]))
-                        .and_then(|n| {
-                            if n == 0 {
-                                Err(io::ErrorKind::WriteZero.into())
-                            } else {
-                                Ok(n)
-                            }
-                        })
-                        .map_err(|e| Stop::on_write(dir, e))?;
+                    let written = ready!(Pin::new(&mut *dst).poll_write(cx, &buf[*pos..*end]));
+                    let n = match written {
+                        Ok(0) => Err(io::ErrorKind::WriteZero.into()),
+                        other => other,
+                    }
+                    .map_err(|e| Stop::on_write(dir, e))?;
                     meter.moved(dir, Path::Copy, n);
                     *pos += n;
                     if *pos < *end {
@@ -150,10 +140,11 @@ enum Read {
 
 /// Reads once into a borrowed buffer; the buffer goes back to the pool unless bytes came.
 fn read<S: Leg>(cx: &mut Context<'_>, src: &mut S, dir: Direction) -> Poll<Read> {
-    if !src.buffers_plaintext() {
-        if let Err(e) = ready!(src.socket().poll_read_ready(cx)) {
-            return Poll::Ready(Read::Failed(Stop::on_read(dir, e)));
-        }
+    // A bare socket is polled first, so a quiet source never borrows a buffer.
+    if !src.buffers_plaintext()
+        && let Err(e) = ready!(src.socket().poll_read_ready(cx))
+    {
+        return Poll::Ready(Read::Failed(Stop::on_read(dir, e)));
     }
     let mut buf = Buffer::take();
     let mut read_buf = ReadBuf::new(&mut buf);

@@ -11,11 +11,14 @@
 //!   lazily re-armed timer per connection;
 //! - borrow buffers and pipes only while bytes move ([`pool`]), so idle connections,
 //!   which are most of them (a BuildKit `RUN` step can keep a session silent for an
-//!   hour), cost sockets and nothing else.
+//!   hour), cost their sockets (and TLS state) and nothing else.
+//!
+//! `splice.rs` holds the relay's only `unsafe` (splice(2), pipes);
+//! `copy.rs` the buffered path; [`pool`] the buffers and pipes.
 
-pub mod copy;
+mod copy;
 pub mod pool;
-pub mod splice;
+mod splice;
 
 use std::future::Future;
 use std::io;
@@ -101,8 +104,6 @@ pub enum RelayError {
     Client(#[source] io::Error),
     #[error("backend connection failed: {0}")]
     Backend(#[source] io::Error),
-    #[error("no pipe for splice: {0}")]
-    Pipe(#[source] io::Error),
 }
 
 impl RelayError {
@@ -111,7 +112,6 @@ impl RelayError {
         match self {
             Self::Client(_) => "client_io",
             Self::Backend(_) => "backend_io",
-            Self::Pipe(_) => "pipe",
         }
     }
 }
@@ -166,6 +166,16 @@ impl Leg for tokio_rustls::client::TlsStream<TcpStream> {
     }
 }
 
+/// Lets a gateway hold either kind of client leg behind one type.
+impl<L: Leg + ?Sized> Leg for Box<L> {
+    fn socket(&self) -> &TcpStream {
+        (**self).socket()
+    }
+    fn buffers_plaintext(&self) -> bool {
+        (**self).buffers_plaintext()
+    }
+}
+
 /// Relays a plaintext TCP pair with splice(2) until both directions end, one side resets or
 /// fails, or nothing moves for `idle_timeout`.
 pub async fn splice(
@@ -175,7 +185,8 @@ pub async fn splice(
     tally: &dyn Tally,
 ) -> Outcome {
     let meter = Meter::new(tally);
-    let end = run(splice::duplex(&client, &backend, &meter), &meter, settings).await;
+    let duplex = splice::duplex(&client, &backend, &meter, pool::PipeLease::take);
+    let end = run(duplex, &meter, settings).await;
     conclude(end, &client, &backend, &meter)
 }
 
@@ -273,10 +284,6 @@ impl Stop {
         }
     }
 
-    fn pipe(e: io::Error) -> Self {
-        Self::Error(RelayError::Pipe(e))
-    }
-
     fn side(side: Side, e: io::Error) -> Self {
         Self::Error(match side {
             Side::Client => RelayError::Client(e),
@@ -345,26 +352,48 @@ impl<'a> Meter<'a> {
 #[derive(Default)]
 struct Joint {
     ended: [Option<Result<(), Stop>>; 2],
+    /// Polled first on the next wake-up; alternates, so a direction that is always ready
+    /// cannot spend the task's whole cooperative budget every time and starve the other.
+    outbound_first: bool,
 }
 
 impl Joint {
-    /// Polls direction `dir` unless it already ended; returns the relay's result once known.
+    /// Polls each direction that has not ended; ready with the relay's result once known.
+    fn poll(
+        &mut self,
+        meter: &Meter<'_>,
+        mut poll: impl FnMut(Direction) -> Poll<Result<(), Stop>>,
+    ) -> Poll<Result<(), Stop>> {
+        let first = if self.outbound_first {
+            Direction::Outbound
+        } else {
+            Direction::Inbound
+        };
+        self.outbound_first = !self.outbound_first;
+        for dir in [first, first.reverse()] {
+            if self.ended[dir as usize].is_some() {
+                continue;
+            }
+            if let Poll::Ready(result) = poll(dir)
+                && let Some(end) = self.ended(dir, result, meter)
+            {
+                return Poll::Ready(end);
+            }
+        }
+        Poll::Pending
+    }
+
+    /// Records how `dir` ended; returns the relay's result once it is known.
     ///
     /// A reset found while writing (the destination is gone) lets the other direction,
     /// which reads from that socket, deliver what it still holds before the relay ends.
     /// Any other failure ends the relay at once.
-    fn poll(
+    fn ended(
         &mut self,
         dir: Direction,
+        result: Result<(), Stop>,
         meter: &Meter<'_>,
-        poll: impl FnOnce() -> Poll<Result<(), Stop>>,
     ) -> Option<Result<(), Stop>> {
-        if self.ended[dir as usize].is_some() {
-            return None;
-        }
-        let Poll::Ready(result) = poll() else {
-            return None;
-        };
         match result {
             Err(Stop::Reset(reset)) if reset != dir => meter.reset_seen.store(true, Relaxed),
             Err(stop) => return Some(Err(stop)),

@@ -144,6 +144,89 @@ async fn tiny_writes_go_through_one_byte_at_a_time() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_direction_does_not_hold_up_the_other() {
+    for rig in [
+        Rig::Splice,
+        Rig::Copy {
+            client_tls: true,
+            backend_tls: false,
+        },
+    ] {
+        let relay = Relay::start(rig, Duration::from_secs(60)).await;
+        let (mut client_rx, mut client_tx) = tokio::io::split(relay.client);
+        let (mut backend_rx, mut backend_tx) = tokio::io::split(relay.backend);
+        let upload = tokio::spawn(async move {
+            let chunk = vec![0u8; 64 << 10];
+            for _ in 0..512 {
+                client_tx.write_all(&chunk).await.unwrap();
+            }
+            client_tx
+        });
+        let sink = tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 << 10];
+            while backend_rx.read(&mut buf).await.unwrap() != 0 {}
+        });
+        // While 32 MiB go up, small messages come down without waiting for the upload.
+        for i in 0..20u8 {
+            backend_tx.write_all(&[i; 100]).await.unwrap();
+            let mut got = [0; 100];
+            timeout(Duration::from_secs(1), client_rx.read_exact(&mut got))
+                .await
+                .unwrap_or_else(|_| panic!("{rig:?}: message {i} held up"))
+                .unwrap();
+            assert_eq!(got, [i; 100]);
+        }
+        let mut client_tx = upload.await.unwrap();
+        client_tx.shutdown().await.unwrap();
+        sink.await.unwrap();
+        backend_tx.shutdown().await.unwrap();
+        let outcome = relay.outcome.await.unwrap();
+        assert!(matches!(outcome.end, End::Finished), "{rig:?}: {outcome:?}");
+        assert_eq!(
+            (outcome.inbound, outcome.outbound),
+            (32 << 20, 2000),
+            "{rig:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn without_pipes_a_spliced_pair_is_copied_instead() {
+    let (mut client, gw_client) = connected().await;
+    let (gw_backend, mut backend) = connected().await;
+    let counts = Counts::default();
+    let meter = Meter::new(&counts);
+    let no_pipes: splice::Pipes = || Err(io::Error::from_raw_os_error(libc::EMFILE));
+    let relay = splice::duplex(&gw_client, &gw_backend, &meter, no_pipes);
+    let peers = async {
+        let (mut client_rx, mut client_tx) = client.split();
+        let (mut backend_rx, mut backend_tx) = backend.split();
+        let up = async {
+            send_pattern(&mut client_tx, 4, 2 << 20).await;
+            client_tx.shutdown().await.unwrap();
+        };
+        let down = async {
+            send_pattern(&mut backend_tx, 5, 2 << 20).await;
+            backend_tx.shutdown().await.unwrap();
+        };
+        tokio::join!(
+            up,
+            down,
+            expect_pattern(&mut backend_rx, 4, 2 << 20),
+            expect_pattern(&mut client_rx, 5, 2 << 20)
+        );
+    };
+    let (result, ()) = timeout(PROMPT, async { tokio::join!(relay, peers) })
+        .await
+        .unwrap();
+    result.unwrap();
+    assert_eq!(counts.moved(Direction::Inbound, Path::Copy), 2 << 20);
+    assert_eq!(counts.moved(Direction::Outbound, Path::Copy), 2 << 20);
+    assert_eq!(counts.moved(Direction::Inbound, Path::Splice), 0);
+    assert_eq!(counts.half_closed(), [1, 1]);
+}
+
 #[tokio::test]
 async fn tls_client_closing_tcp_without_close_notify_counts_as_eof() {
     let mut relay = Relay::start(
@@ -262,7 +345,8 @@ async fn client_reset_reaches_the_backend() {
 
 #[tokio::test]
 async fn silent_connections_are_closed_after_the_idle_timeout() {
-    let idle = Duration::from_millis(300);
+    let idle = Duration::from_millis(500);
+    let gap = idle / 5;
     for rig in [
         Rig::Splice,
         Rig::Copy {
@@ -271,13 +355,17 @@ async fn silent_connections_are_closed_after_the_idle_timeout() {
         },
     ] {
         let mut relay = Relay::start(rig, idle).await;
-        // Activity every 150 ms keeps it open well past one timeout.
-        for _ in 0..4 {
-            relay.client.write_all(b"x").await.unwrap();
-            relay.client.flush().await.unwrap();
-            let mut x = [0; 1];
-            relay.backend.read_exact(&mut x).await.unwrap();
-            tokio::time::sleep(idle / 2).await;
+        // A byte every `gap`, either way, keeps it open past one timeout.
+        for i in 0..7 {
+            let (from, to) = if i % 2 == 0 {
+                (&mut relay.client, &mut relay.backend)
+            } else {
+                (&mut relay.backend, &mut relay.client)
+            };
+            from.write_all(b"x").await.unwrap();
+            from.flush().await.unwrap();
+            to.read_exact(&mut [0; 1]).await.unwrap();
+            tokio::time::sleep(gap).await;
         }
         assert!(!relay.outcome.is_finished(), "{rig:?}: closed while active");
 
@@ -288,8 +376,9 @@ async fn silent_connections_are_closed_after_the_idle_timeout() {
             matches!(outcome.end, End::IdleTimeout),
             "{rig:?}: {outcome:?}"
         );
+        // Due `idle` after the last byte, which came `gap` before `silent`.
         assert!(
-            waited >= idle / 2 - Duration::from_millis(20) && waited < idle * 3,
+            waited >= idle - gap * 2 && waited < idle * 4,
             "{rig:?}: {waited:?}"
         );
         let mut rest = [0; 1];
@@ -303,7 +392,8 @@ async fn silent_connections_are_closed_after_the_idle_timeout() {
 
 #[tokio::test(start_paused = true)]
 async fn the_idle_timer_is_rearmed_from_the_last_activity() {
-    let meter = Meter::new(&Counts::default());
+    let counts = Counts::default();
+    let meter = Meter::new(&counts);
     let start = Instant::now();
     let touch = async {
         tokio::time::sleep(Duration::from_secs(40)).await;
@@ -375,6 +465,76 @@ async fn tune_sets_nodelay_and_keepalive() {
 }
 
 #[test]
+fn a_reset_found_while_writing_waits_for_the_direction_reading_that_socket() {
+    let counts = Counts::default();
+    let meter = Meter::new(&counts);
+    let mut joint = Joint::default();
+    // Writing to the backend failed: the backend (source of Outbound) was reset.
+    let first = joint.ended(
+        Direction::Inbound,
+        Err(Stop::Reset(Direction::Outbound)),
+        &meter,
+    );
+    assert!(first.is_none(), "outbound may still owe the client bytes");
+    assert!(meter.reset_seen());
+    // Outbound delivers what it read, then reports the reset it finds.
+    let end = joint.ended(
+        Direction::Outbound,
+        Err(Stop::Reset(Direction::Outbound)),
+        &meter,
+    );
+    assert!(
+        matches!(end, Some(Err(Stop::Reset(Direction::Outbound)))),
+        "{end:?}"
+    );
+}
+
+#[test]
+fn a_reset_read_or_a_failure_ends_the_relay_at_once() {
+    let counts = Counts::default();
+    let meter = Meter::new(&counts);
+    let mut joint = Joint::default();
+    let end = joint.ended(
+        Direction::Outbound,
+        Err(Stop::Reset(Direction::Outbound)),
+        &meter,
+    );
+    assert!(
+        matches!(end, Some(Err(Stop::Reset(Direction::Outbound)))),
+        "{end:?}"
+    );
+    let mut joint = Joint::default();
+    assert!(joint.ended(Direction::Inbound, Ok(()), &meter).is_none());
+    let failed = Stop::Error(RelayError::Backend(io::ErrorKind::TimedOut.into()));
+    let end = joint.ended(Direction::Outbound, Err(failed), &meter);
+    assert!(
+        matches!(end, Some(Err(Stop::Error(RelayError::Backend(_))))),
+        "{end:?}"
+    );
+    assert!(!meter.reset_seen());
+}
+
+#[test]
+fn directions_take_turns_being_polled_first() {
+    let counts = Counts::default();
+    let meter = Meter::new(&counts);
+    let mut joint = Joint::default();
+    let mut order = Vec::new();
+    for _ in 0..3 {
+        let polled = joint.poll(&meter, |dir| {
+            order.push(dir);
+            Poll::Pending
+        });
+        assert!(polled.is_pending());
+    }
+    use Direction::*;
+    assert_eq!(
+        order,
+        [Inbound, Outbound, Outbound, Inbound, Inbound, Outbound]
+    );
+}
+
+#[test]
 fn labels_are_fixed_strings() {
     assert_eq!(Direction::Inbound.as_str(), "inbound");
     assert_eq!(Direction::Outbound.reverse(), Direction::Inbound);
@@ -386,10 +546,8 @@ fn labels_are_fixed_strings() {
         .reason(),
         "client_reset"
     );
-    assert_eq!(
-        End::Error(RelayError::Pipe(io::ErrorKind::Other.into())).reason(),
-        "pipe"
-    );
+    let failed = RelayError::Backend(io::ErrorKind::TimedOut.into());
+    assert_eq!(End::Error(failed).reason(), "backend_io");
 }
 
 // ---- harness -------------------------------------------------------------------------

@@ -1,0 +1,193 @@
+//! `bkpool local`: the gateway, the control loop and the local process driver in one
+//! process. Pools sleep when idle and wake on the first authenticated connection; the PKI
+//! lives in the state directory so clients keep trusting the gateway across restarts.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use control::driver::{LocalDriver, ProcessSpec};
+use control::local_config::{LocalConfig, ReplicaCommand};
+use control::scale::local::LocalReplicas;
+use control::scale::{Scaler, status};
+use prometheus_client::registry::Registry;
+use proxy::config::CertFiles;
+use proxy::names::PoolId;
+use proxy::server::{self, Options};
+use tokio_util::sync::CancellationToken;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Local configuration (TOML); without it, one pool `default` running buildkitd.
+    #[arg(long, short, env = "BKPOOL_CONFIG")]
+    config: Option<PathBuf>,
+    /// Where the PKI, replica roots and logs live [default: $XDG_STATE_HOME/bkpool or
+    /// ~/.local/state/bkpool].
+    #[arg(long, env = "BKPOOL_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Run the built-in stand-in backend instead of buildkitd, to try the gateway without it.
+    #[arg(long)]
+    standin: bool,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let mut config = load_config(args.config.as_deref())?;
+    if args.standin {
+        config.use_standin();
+    }
+    let specs = process_specs(&config)?;
+    let state_dir = state_dir(args.state_dir)?;
+    let pki = crate::cert_cmd::open_pki(&state_dir, &config)?;
+    let server_cert = CertFiles {
+        cert: pki.server_cert_path(),
+        key: pki.server_key_path(),
+    };
+    let gateway_config = config.gateway(server_cert, |id| pki.pool_ca_path(id));
+
+    let driver = LocalDriver::new(state_dir.clone(), config.ports.clone());
+    let replicas = Arc::new(LocalReplicas::new(driver.clone(), specs));
+    let mut registry = Registry::default();
+    let policies = config
+        .pools
+        .iter()
+        .map(|p| (p.id.clone(), p.scaling.clone()));
+    let scaler = Scaler::new(replicas, policies, config.scaler.clone(), &mut registry);
+    let upstreams = scaler.clone();
+    let options = Options {
+        upstream: Box::new(move |pool| {
+            upstreams
+                .upstream(&pool.id)
+                .expect("every gateway pool is a scaler pool")
+        }),
+        admin_routes: status::router(scaler.clone()),
+        registry,
+    };
+    let running = server::start(&gateway_config, options).await?;
+    let stop_loop = CancellationToken::new();
+    let control_loop = tokio::spawn({
+        let (scaler, stop) = (scaler.clone(), stop_loop.clone());
+        let activity = running.gateway.activity().clone();
+        async move { scaler.run(activity, stop).await }
+    });
+    tracing::info!(state_dir = %state_dir.display(), pki = %pki.dir().display(), pools = config.pools.len(), "bkpool local ready");
+
+    let stop = running.shutdown_token();
+    tokio::select! {
+        () = crate::shutdown::requested() => {}
+        () = stop.cancelled() => {}
+    }
+    // Connections first (they may still need their replicas), then the replicas.
+    running.shutdown().await;
+    stop_loop.cancel();
+    let _ = control_loop.await;
+    scaler.shutdown().await;
+    driver.stop_all().await.context("stopping replicas")?;
+    tracing::info!("bkpool local stopped");
+    Ok(())
+}
+
+/// The configuration file, or the embedded default.
+pub fn load_config(path: Option<&Path>) -> anyhow::Result<LocalConfig> {
+    match path {
+        None => Ok(LocalConfig::embedded()),
+        Some(path) => {
+            LocalConfig::load(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+        }
+    }
+}
+
+/// `--state-dir`, else `$XDG_STATE_HOME/bkpool`, else `~/.local/state/bkpool`.
+pub fn state_dir(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(dir) = given {
+        return Ok(dir);
+    }
+    if let Some(xdg) = std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(xdg).join("bkpool"));
+    }
+    let home = std::env::var_os("HOME")
+        .filter(|v| !v.is_empty())
+        .context("neither --state-dir, XDG_STATE_HOME nor HOME is set")?;
+    Ok(PathBuf::from(home).join(".local/state/bkpool"))
+}
+
+/// What each pool's replicas run; refuses (before anything starts) a program not found.
+fn process_specs(config: &LocalConfig) -> anyhow::Result<HashMap<PoolId, ProcessSpec>> {
+    let mut specs = HashMap::new();
+    for pool in &config.pools {
+        let spec = match &pool.replica {
+            ReplicaCommand::Standin { stop_grace } => ProcessSpec {
+                program: std::env::current_exe().context("locating the bkpool binary")?,
+                args: ["standin", "--listen", "{addr}"].map(String::from).to_vec(),
+                env: Vec::new(),
+                grace: *stop_grace,
+            },
+            ReplicaCommand::Command {
+                program,
+                args,
+                env,
+                stop_grace,
+            } => ProcessSpec {
+                program: find_program(program).with_context(|| not_found(program, &pool.id))?,
+                args: args.clone(),
+                env: env.clone(),
+                grace: *stop_grace,
+            },
+        };
+        specs.insert(pool.id.clone(), spec);
+    }
+    Ok(specs)
+}
+
+fn not_found(program: &str, pool: &PoolId) -> String {
+    format!(
+        "{program} (the replica command of pool {pool}) is not on PATH. Install BuildKit \
+         (https://github.com/moby/buildkit/releases) or set [pool.replica] command in a --config \
+         file; to try the gateway without it, run `bkpool local --standin`, which starts the \
+         built-in stand-in backend instead"
+    )
+}
+
+/// `program` itself if it names a path, else the first executable of that name on PATH.
+fn find_program(program: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| {
+        p.metadata()
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        let path = PathBuf::from(program);
+        return executable(&path).then_some(path);
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|p| executable(p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn programs_are_found_on_path_or_refused_with_the_standin_option() {
+        assert!(find_program("sh").is_some());
+        assert_eq!(find_program("/bin/sh"), Some(PathBuf::from("/bin/sh")));
+        let mut config = LocalConfig::parse(
+            "[[pool]]\nname = \"a\"\n[pool.replica]\ncommand = [\"bkpool-no-such-program\"]\n",
+            Path::new("."),
+        )
+        .unwrap();
+        let e = process_specs(&config).unwrap_err().to_string();
+        assert!(e.contains("not on PATH") && e.contains("--standin"), "{e}");
+        config.use_standin();
+        let specs = process_specs(&config).unwrap();
+        let spec = &specs[&"a".parse().unwrap()];
+        assert_eq!(spec.args, ["standin", "--listen", "{addr}"]);
+    }
+
+    #[test]
+    fn the_state_dir_defaults_under_the_home_directory() {
+        assert_eq!(state_dir(Some("/x".into())).unwrap(), Path::new("/x"));
+    }
+}
