@@ -470,3 +470,78 @@ fn total_writes(controller: &RunningController) -> u64 {
     .map(|r| controller.metrics.writes(r))
     .sum()
 }
+
+#[tokio::test]
+async fn certificates_rotate_with_an_overlapping_trust_bundle() {
+    let Some(client) = test_client().await else {
+        return;
+    };
+    install_crd(&client).await;
+    let ns = TestNamespace::create(&client, "bkp-rotate").await;
+    let controller = RunningController::start(&client, &ns.name);
+    // A 12 s CA: its successor is published at 8 s left and takes over at 4 s left.
+    let tls = json!({"caLifetime": "12s", "serverCertLifetime": "6s", "rotateBefore": "4s", "clientCertMaxTTL": "5s"});
+    create_pool(&client, &ns.name, "r", json!({ "tls": tls }))
+        .await
+        .unwrap();
+    wait_phase(&client, &ns.name, "r", Phase::Sleeping).await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let text =
+        |s: &Secret, key: &str| String::from_utf8(s.data.as_ref().unwrap()[key].0.clone()).unwrap();
+    let first = secrets.get("r-client-ca").await.unwrap();
+    let first_ca = text(&first, "ca.crt");
+
+    // The successor appears in the bundle while the first CA still issues.
+    let published = eventually("successor published", WAIT, || async {
+        let s = secrets.get("r-client-ca").await.ok()?;
+        s.data.as_ref()?.contains_key("next.crt").then_some(s)
+    })
+    .await;
+    assert_eq!(text(&published, "ca.crt"), first_ca);
+    let next_ca = text(&published, "next.crt");
+    assert!(text(&published, "ca-bundle.crt").contains(&next_ca));
+    let gateway = secrets.get("r-gateway-tls").await.unwrap();
+    assert!(
+        text(&gateway, "ca.crt").contains(&next_ca),
+        "peers trust the successor before it issues"
+    );
+
+    // Then it takes over, and the old CA stays trusted until it expires.
+    let rotated = eventually("successor issuing", WAIT, || async {
+        let s = secrets.get("r-client-ca").await.ok()?;
+        (text(&s, "ca.crt") == next_ca).then_some(s)
+    })
+    .await;
+    assert!(
+        text(&rotated, "ca-bundle.crt").contains(&first_ca),
+        "old CA dropped too early"
+    );
+    let reissued = eventually("gateway certificate from the new CA", WAIT, || async {
+        let s = secrets.get("r-gateway-tls").await.ok()?;
+        let cert = text(&s, "tls.crt");
+        let info =
+            control::pki::inspect::CertInfo::from_pem(&cert, std::path::Path::new("tls.crt"))
+                .ok()?;
+        let ca =
+            control::pki::inspect::CertInfo::from_pem(&next_ca, std::path::Path::new("ca.crt"))
+                .ok()?;
+        info.check_issued_by(
+            &ca.der,
+            std::path::Path::new("a"),
+            std::path::Path::new("b"),
+        )
+        .ok()
+        .map(|()| s)
+    })
+    .await;
+    assert!(text(&reissued, "ca.crt").contains(&next_ca));
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns.name);
+    let rotations = events.list(&ListParams::default()).await.unwrap().items;
+    let rotations: Vec<_> = rotations
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some("CertificateRotated"))
+        .collect();
+    assert!(!rotations.is_empty(), "no CertificateRotated event");
+    controller.stop().await;
+    ns.delete().await;
+}

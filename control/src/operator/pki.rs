@@ -34,7 +34,7 @@ use super::error::Error;
 use super::objects::{PoolNames, owned_meta};
 use crate::crd::{BuildKitPool, duration};
 use crate::pki::inspect::CertInfo;
-use crate::pki::{Ca, PkiError};
+use crate::pki::{Ca, PkiError, Problem};
 
 const RECONCILER: &str = "pki";
 
@@ -166,6 +166,22 @@ pub fn plan_ca(
         },
         CaChange::Kept,
     ))
+}
+
+/// What [`plan_ca`] would do with `existing`, without touching any key.
+pub fn decide(existing: &CaSecret, life: Lifetimes, now: SystemTime) -> CaChange {
+    let remaining = existing
+        .current
+        .not_after()
+        .duration_since(now)
+        .unwrap_or_default();
+    if remaining < life.rotate_before {
+        CaChange::Rotated
+    } else if remaining < life.rotate_before * 2 && existing.next.is_none() {
+        CaChange::SuccessorPublished
+    } else {
+        CaChange::Kept
+    }
 }
 
 impl CaSecret {
@@ -332,14 +348,36 @@ async fn ca(
 ) -> Result<Arc<CaSecret>, Error> {
     let ns = pool.namespace().unwrap_or_default();
     let cached = ctx.stores.secret(&ns, name);
-    let parsed = match &cached {
-        Some(secret) => Some(ctx.parsed.ca(secret).map_err(|e| pki_error(&ns, name, e))?),
+    let parsed = match cached.as_deref().map(|secret| ctx.parsed.ca(secret)) {
         None => None,
+        Some(Ok(parsed)) => Some(parsed),
+        // Expired while nothing rotated it (the operator was down for longer than
+        // rotateBefore): no client can use it any more, so a new CA is the only way on.
+        Some(Err(PkiError::Invalid {
+            problem: Problem::Expired { .. },
+            ..
+        })) => {
+            let note = format!("{name}: the CA expired unrotated; a new CA replaces it");
+            ctx.event(pool, EventType::Warning, "CAExpired", "Rotate", note)
+                .await;
+            None
+        }
+        Some(Err(e)) => return Err(pki_error(&ns, name, e)),
     };
+    if let Some(parsed) = &parsed
+        && decide(parsed, life, now) == CaChange::Kept
+        && parsed.previous.iter().all(|(_, end)| *end > now)
+    {
+        // The common case: nothing to do, and no key is parsed again.
+        return Ok(parsed.clone());
+    }
     let (planned, change) =
         plan_ca(parsed.as_deref(), purpose, life, now).map_err(|e| pki_error(&ns, name, e))?;
-    if change == CaChange::Kept {
-        // Nothing to write; the parsed value stays as cached.
+    // Kept but for predecessors that expired: they leave the bundle, so the Secret is written.
+    let pruned = parsed
+        .as_ref()
+        .is_some_and(|p| p.previous.len() != planned.previous.len());
+    if change == CaChange::Kept && !pruned && parsed.is_some() {
         return Ok(parsed.unwrap_or_else(|| Arc::new(planned)));
     }
     let secret = Secret {
@@ -503,9 +541,8 @@ fn field(secret: &Secret, key: &str) -> Result<String, PkiError> {
         .data
         .as_ref()
         .and_then(|d| d.get(key))
-        .ok_or_else(|| PkiError::invalid(path, crate::pki::Problem::NoPem("PEM")))?;
-    String::from_utf8(bytes.0.clone())
-        .map_err(|_| PkiError::invalid(path, crate::pki::Problem::NoPem("PEM")))
+        .ok_or_else(|| PkiError::invalid(path, Problem::NoPem("PEM")))?;
+    String::from_utf8(bytes.0.clone()).map_err(|_| PkiError::invalid(path, Problem::NoPem("PEM")))
 }
 
 fn split_pem(pems: &str) -> Vec<String> {
@@ -569,6 +606,8 @@ mod tests {
         let later = now + 21 * DAY;
         let (with_next, change) = plan_ca(Some(&first), "client", life(), later).unwrap();
         assert_eq!(change, CaChange::SuccessorPublished);
+        assert_eq!(decide(&first, life(), later), change);
+        assert_eq!(decide(&first, life(), now), CaChange::Kept);
         assert_eq!(with_next.current.cert_pem(), first.current.cert_pem());
         let next_pem = with_next.next.as_ref().unwrap().cert_pem().to_owned();
         assert!(with_next.bundle().contains(&next_pem));
@@ -577,6 +616,7 @@ mod tests {
         let (rotated, change) =
             plan_ca(Some(&with_next), "client", life(), now + 26 * DAY).unwrap();
         assert_eq!(change, CaChange::Rotated);
+        assert_eq!(decide(&with_next, life(), now + 26 * DAY), change);
         assert_eq!(rotated.current.cert_pem(), next_pem);
         assert!(rotated.bundle().contains(first.current.cert_pem()));
 
