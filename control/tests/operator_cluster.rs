@@ -545,3 +545,46 @@ async fn certificates_rotate_with_an_overlapping_trust_bundle() {
     controller.stop().await;
     ns.delete().await;
 }
+
+#[tokio::test]
+async fn a_job_pool_runs_one_job_per_wake_and_sleeps_when_they_are_deleted() {
+    let Some(client) = test_client().await else {
+        return;
+    };
+    install_crd(&client).await;
+    let ns = TestNamespace::create(&client, "bkp-job").await;
+    let controller = RunningController::start(&client, &ns.name);
+    let pool = create_pool(&client, &ns.name, "j", json!({"workload": {"kind": "Job"}}))
+        .await
+        .unwrap();
+    wait_phase(&client, &ns.name, "j", Phase::Sleeping).await;
+    let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(client.clone(), &ns.name);
+    assert!(
+        jobs.list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty(),
+        "a sleeping Job pool runs nothing"
+    );
+
+    control::operator::workload::start_wake_job(&client, &pool, "w1")
+        .await
+        .unwrap();
+    control::operator::workload::start_wake_job(&client, &pool, "w1")
+        .await
+        .unwrap();
+    let job = jobs.get("j-buildkitd-w1").await.unwrap();
+    assert_eq!(job.owner_references()[0].kind, "BuildKitPool");
+    // The Job controller starts its pod (Pending, but active): the pool is waking.
+    let status = wait_phase(&client, &ns.name, "j", Phase::Waking).await;
+    assert_eq!(status.replicas, Some(1));
+
+    let deleted = control::operator::workload::delete_wake_jobs(&client, &pool)
+        .await
+        .unwrap();
+    assert_eq!(deleted, 1);
+    wait_phase(&client, &ns.name, "j", Phase::Sleeping).await;
+    controller.stop().await;
+    ns.delete().await;
+}

@@ -81,6 +81,7 @@ fn context(client: kube::Client, deployments: Option<Deployment>) -> Context {
     let (jobs, _) = reflector::store();
     let (services, _) = reflector::store();
     let (network_policies, _) = reflector::store();
+    let (endpoints, _) = reflector::store();
     let stores = Stores {
         pools,
         secrets,
@@ -90,6 +91,7 @@ fn context(client: kube::Client, deployments: Option<Deployment>) -> Context {
         jobs,
         services,
         network_policies,
+        endpoints,
     };
     let metrics = Metrics::register(&mut prometheus_client::registry::Registry::default());
     Context::new(client, stores, Settings::default(), metrics)

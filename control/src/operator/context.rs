@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Endpoints, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -54,6 +54,9 @@ pub struct Stores {
     pub jobs: Store<Job>,
     pub services: Store<Service>,
     pub network_policies: Store<NetworkPolicy>,
+    /// Endpoints of the backend Services (they carry the Service's labels): which buildkitd
+    /// pods are ready, for Job pools whose Job status in 1.20 does not say.
+    pub endpoints: Store<Endpoints>,
 }
 
 pub struct Context {

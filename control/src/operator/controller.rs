@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Endpoints, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::runtime::controller::{Action, Config};
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
@@ -22,7 +22,7 @@ use serde::de::DeserializeOwned;
 use super::context::{Context, Settings, Stores};
 use super::error::Error;
 use super::metrics::Metrics;
-use super::objects::MANAGED_SELECTOR;
+use super::objects::{MANAGED_SELECTOR, POOL_LABEL};
 use super::status::Observed;
 use super::{buildkitd, netpol, pki, service, status, workload};
 use crate::crd::{BuildKitPool, validate};
@@ -63,6 +63,7 @@ pub async fn run(
     let (jobs, job_stream) = owned::<Job>(&client, &scope);
     let (services, svc_stream) = owned::<Service>(&client, &scope);
     let (network_policies, np_stream) = owned::<NetworkPolicy>(&client, &scope);
+    let (endpoints, ep_stream) = owned::<Endpoints>(&client, &scope);
     let stores = Stores {
         pools: pools.clone(),
         secrets,
@@ -72,6 +73,7 @@ pub async fn run(
         jobs,
         services,
         network_policies,
+        endpoints,
     };
     let ctx = Arc::new(Context::new(client, stores, settings, metrics));
     let backoff = Arc::new(Backoff::default());
@@ -88,6 +90,13 @@ pub async fn run(
         .owns_stream(job_stream)
         .owns_stream(svc_stream)
         .owns_stream(np_stream)
+        // Endpoints have no owner; their pool label names the pool whose readiness changed.
+        .watches_stream(ep_stream, |ep| {
+            let pool = ep.labels().get(POOL_LABEL).cloned();
+            let ns = ep.namespace();
+            pool.zip(ns)
+                .map(|(pool, ns)| ObjectRef::new(&pool).within(&ns))
+        })
         .graceful_shutdown_on(shutdown)
         .run(
             move |pool, ctx| {

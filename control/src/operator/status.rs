@@ -5,6 +5,7 @@
 //! sleeps and when its spec is invalid.
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::Endpoints;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
 use kube::api::{Api, Patch};
@@ -160,14 +161,27 @@ pub fn observe_workload(pool: &BuildKitPool, ctx: &Context) -> WorkloadState {
                 .filter(|j| j.labels().get(POOL_LABEL) == Some(&names.pool))
                 .map(|j| j.status.as_ref().and_then(|s| s.active).unwrap_or(0))
                 .sum();
+            let ready =
+                cached(&ctx.stores.endpoints, ns, &name).map_or(0, |ep| ready_addresses(&ep));
             WorkloadState {
                 exists: true,
                 replicas: active,
-                ready: active,
+                ready: ready.min(active),
                 failure: None,
             }
         }
     }
+}
+
+/// Ready addresses in an Endpoints object (not-ready ones are listed apart).
+pub fn ready_addresses(ep: &Endpoints) -> i32 {
+    let count: usize = ep
+        .subsets
+        .iter()
+        .flatten()
+        .map(|s| s.addresses.as_ref().map_or(0, Vec::len))
+        .sum();
+    i32::try_from(count).unwrap_or(i32::MAX)
 }
 
 pub fn deployment_state(d: &Deployment) -> WorkloadState {

@@ -213,6 +213,68 @@ pub fn job_for_wake(pool: &BuildKitPool, wake: &str, inputs: &Inputs) -> Job {
     }
 }
 
+/// Starts the Job serving wake `wake` of a Job pool. Idempotent: a second call for the same
+/// wake finds the Job there and succeeds. (Called by the scaler's Kubernetes driver.)
+pub async fn start_wake_job(
+    client: &kube::Client,
+    pool: &BuildKitPool,
+    wake: &str,
+) -> Result<(), Error> {
+    let names = PoolNames::of(pool);
+    let job = job_for_wake(pool, wake, &Inputs::default());
+    let api: Api<Job> = Api::namespaced(client.clone(), &names.namespace);
+    let params = PostParams {
+        field_manager: Some(super::FIELD_MANAGER.into()),
+        ..PostParams::default()
+    };
+    match api.create(&params, &job).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(source) => Err(write_error::<Job>(
+            &names.namespace,
+            &job.name_any(),
+            source,
+        )),
+    }
+}
+
+/// Deletes every wake Job of a Job pool, and their pods with them (the pool went idle).
+/// Returns how many were deleted.
+pub async fn delete_wake_jobs(client: &kube::Client, pool: &BuildKitPool) -> Result<usize, Error> {
+    let names = PoolNames::of(pool);
+    let api: Api<Job> = Api::namespaced(client.clone(), &names.namespace);
+    let selector = format!(
+        "{},{}={}",
+        super::objects::MANAGED_SELECTOR,
+        super::objects::POOL_LABEL,
+        names.pool
+    );
+    let jobs = api
+        .list(&kube::api::ListParams::default().labels(&selector))
+        .await
+        .map_err(|source| write_error::<Job>(&names.namespace, "(list)", source))?;
+    let mut deleted = 0;
+    for job in jobs {
+        match api
+            .delete(&job.name_any(), &DeleteParams::background())
+            .await
+        {
+            Ok(_) => deleted += 1,
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(source) => {
+                return Err(Error::Delete {
+                    reconciler: RECONCILER,
+                    kind: "Job",
+                    namespace: names.namespace.clone(),
+                    name: job.name_any(),
+                    source,
+                });
+            }
+        }
+    }
+    Ok(deleted)
+}
+
 /// What the pod template depends on, read from the caches.
 pub fn inputs(pool: &BuildKitPool, ctx: &Context) -> Inputs {
     let names = PoolNames::of(pool);
