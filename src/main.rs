@@ -4,16 +4,20 @@
 //! - `demo`: writes demonstration certificates and a gateway configuration.
 //! - `controller`: the Kubernetes operator (leader-elected).
 //! - `crd`: prints the `BuildKitPool` CustomResourceDefinition.
+//! - `certapi`: the certificate API over the local PKI (tokens in, short-lived certificates out).
+//! - `login`: trade a CI token for a client certificate, optionally running a command with it.
 //! - `local`: gateway, control loop and local replicas in one process (scale to zero).
 //! - `cert issue`: a client certificate for a local pool, in `buildctl --tlsdir` layout.
 //! - `status`: the pools of a running `bkpool local`.
 //! - `standin` (hidden): the stand-in backend, run as a replica process.
 
 mod cert_cmd;
+mod certapi_cmd;
 mod controller_cmd;
 mod demo;
 mod gateway_cmd;
 mod local_cmd;
+mod login_cmd;
 mod shutdown;
 mod standin_cmd;
 mod status_cmd;
@@ -58,6 +62,10 @@ enum Command {
     Controller(controller_cmd::Args),
     /// Print the BuildKitPool CustomResourceDefinition (YAML).
     Crd,
+    /// Serve the certificate API (ServiceAccount, OIDC and static tokens) over the local PKI.
+    Certapi(certapi_cmd::Args),
+    /// Get a short-lived client certificate for a pool with a CI token.
+    Login(login_cmd::Args),
     /// Run local pools that sleep when idle and wake on connect, behind the gateway.
     Local(local_cmd::Args),
     /// Client certificates for local pools.
@@ -82,21 +90,25 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Gateway(args) => gateway_cmd::run(args).await,
-            Command::Demo(args) => demo::run(args),
-            Command::Controller(args) => controller_cmd::run(args).await,
+            Command::Gateway(args) => gateway_cmd::run(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Demo(args) => demo::run(args).map(|()| ExitCode::SUCCESS),
+            Command::Local(args) => local_cmd::run(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Cert(command) => cert_cmd::run(command).map(|()| ExitCode::SUCCESS),
+            Command::Status(args) => status_cmd::run(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Standin(args) => standin_cmd::run(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Controller(args) => {
+                controller_cmd::run(args).await.map(|()| ExitCode::SUCCESS)
+            }
             Command::Crd => {
                 print!("{}", control::crd::yaml::crd_yaml());
-                Ok(())
+                Ok(ExitCode::SUCCESS)
             }
-            Command::Local(args) => local_cmd::run(args).await,
-            Command::Cert(command) => cert_cmd::run(command),
-            Command::Status(args) => status_cmd::run(args).await,
-            Command::Standin(args) => standin_cmd::run(args).await,
+            Command::Certapi(args) => certapi_cmd::run(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Login(args) => login_cmd::run(args).await,
         }
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("bkpool: {e:#}");
             ExitCode::FAILURE

@@ -1,6 +1,9 @@
 //! bkpool control plane.
 //!
 //! - [`pki`]: CAs, client and server certificates, CSR signing, the local PKI directory.
+//! - [`auth`]: bearer tokens (ServiceAccount, OIDC, static) to callers allowed on a pool.
+//! - [`certapi`]: the HTTPS certificate API (issue, list pools, wake).
+//! - [`https`]: the small outbound HTTPS client (OIDC issuers, API server, `bkpool login`).
 //! - [`scale`]: scale to zero and back: the scaler, wake on connect, the driver seam.
 //! - [`local_config`]: the `bkpool local` configuration (pools, scaling, replica commands).
 //! - [`health`]: replica readiness, a gRPC health check over h2c or (m)TLS.
@@ -9,10 +12,13 @@
 //! - `grpc`: the hand-encoded gRPC frame and `grpc.health.v1` messages.
 //! - [`crd`]: the `BuildKitPool` custom resource, its schema and semantic validation.
 //! - [`operator`]: the Kubernetes reconcilers, the controller and leader election.
+pub mod auth;
+pub mod certapi;
 pub mod crd;
 pub mod driver;
 mod grpc;
 pub mod health;
+pub mod https;
 pub mod local_config;
 pub mod operator;
 pub mod pki;

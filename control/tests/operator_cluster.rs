@@ -500,11 +500,29 @@ async fn certificates_rotate_with_an_overlapping_trust_bundle() {
     assert_eq!(text(&published, "ca.crt"), first_ca);
     let next_ca = text(&published, "next.crt");
     assert!(text(&published, "ca-bundle.crt").contains(&next_ca));
-    let gateway = secrets.get("r-gateway-tls").await.unwrap();
-    assert!(
-        text(&gateway, "ca.crt").contains(&next_ca),
-        "peers trust the successor before it issues"
-    );
+    // The same round writes the leaves' bundles just after the CA Secret.
+    let gateway = eventually("peers trust the successor", WAIT, || async {
+        let s = secrets.get("r-gateway-tls").await.ok()?;
+        text(&s, "ca.crt").contains(&next_ca).then_some(s)
+    })
+    .await;
+    let issuer =
+        control::pki::inspect::CertInfo::from_pem(&first_ca, std::path::Path::new("ca")).unwrap();
+    let leaf = control::pki::inspect::CertInfo::from_pem(
+        &text(&gateway, "tls.crt"),
+        std::path::Path::new("tls"),
+    )
+    .unwrap();
+    let (a, b) = (std::path::Path::new("a"), std::path::Path::new("b"));
+    // The CA Secret is written before the leaves: while it still names the first CA,
+    // every leaf read before it was issued by that CA.
+    let still_first = text(&secrets.get("r-client-ca").await.unwrap(), "ca.crt") == first_ca;
+    if still_first {
+        assert!(
+            leaf.check_issued_by(&issuer.der, a, b).is_ok(),
+            "the successor issued before taking over"
+        );
+    }
 
     // Then it takes over, and the old CA stays trusted until it expires.
     let rotated = eventually("successor issuing", WAIT, || async {

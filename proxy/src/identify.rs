@@ -66,7 +66,22 @@ pub fn uri_san(pool: &PoolId, identity: &ClientIdentity) -> String {
 /// Reads pool and identity from a DER end-entity certificate. Does not verify anything:
 /// the chain is verified against the named pool's CA by the TLS layer.
 pub fn identify(cert: &CertificateDer<'_>) -> Result<Peer, IdentifyError> {
+    identify_with_validity(cert).map(|(peer, _)| peer)
+}
+
+/// [`identify`], plus the certificate's validity window in Unix seconds.
+pub fn identify_with_validity(
+    cert: &CertificateDer<'_>,
+) -> Result<(Peer, (i64, i64)), IdentifyError> {
     let (_, cert) = X509Certificate::from_der(cert).map_err(|_| IdentifyError::Malformed)?;
+    let validity = (
+        cert.validity().not_before.timestamp(),
+        cert.validity().not_after.timestamp(),
+    );
+    identify_parsed(&cert).map(|peer| (peer, validity))
+}
+
+fn identify_parsed(cert: &X509Certificate<'_>) -> Result<Peer, IdentifyError> {
     let mut found = None;
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for name in &san.value.general_names {

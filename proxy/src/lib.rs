@@ -10,6 +10,7 @@
 //! - [`clienthello`]: reads a ClientHello's SNI without terminating TLS.
 //! - [`tls`]: certificate loading, SNI certificate choice, per-pool client verification.
 //! - [`identify`]: pool and caller from a client certificate's URI SAN.
+//! - [`verified`]: a bounded memo of client certificate chains already verified.
 //! - [`credentials`]: hot reload of certificates and CA bundles from files.
 //! - [`route`]: the route table and where backends come from.
 //! - [`connect`]: backend dial with fallback, optional backend mTLS.
@@ -35,3 +36,4 @@ pub mod relay;
 pub mod route;
 pub mod server;
 pub mod tls;
+pub mod verified;

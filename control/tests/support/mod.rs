@@ -1,8 +1,11 @@
-//! Helpers for tests against a real API server (kube-local, kind, a real cluster): a client
+//! Test fixtures for the control crate's integration tests ([`issuer`]), and helpers for
+//! tests against a real API server (kube-local, kind, a real cluster): a client
 //! from `BKPOOL_TEST_KUBECONFIG`, one fresh namespace per test, the CRD installed, the
 //! controller running in the background, and polling with a deadline.
 
 #![allow(dead_code)]
+
+pub mod issuer;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime};
