@@ -2,6 +2,8 @@
 //!
 //! - `gateway`: the standalone mTLS gateway with static backends.
 //! - `demo`: writes demonstration certificates and a gateway configuration.
+//! - `controller`: the Kubernetes operator (leader-elected).
+//! - `crd`: prints the `BuildKitPool` CustomResourceDefinition.
 //! - `certapi`: the certificate API over the local PKI (tokens in, short-lived certificates out).
 //! - `login`: trade a CI token for a client certificate, optionally running a command with it.
 //! - `local`: gateway, control loop and local replicas in one process (scale to zero).
@@ -11,6 +13,7 @@
 
 mod cert_cmd;
 mod certapi_cmd;
+mod controller_cmd;
 mod demo;
 mod gateway_cmd;
 mod local_cmd;
@@ -55,6 +58,10 @@ enum Command {
     Gateway(gateway_cmd::Args),
     /// Write demonstration certificates and a gateway configuration to a directory.
     Demo(demo::Args),
+    /// Run the Kubernetes operator for BuildKitPool resources.
+    Controller(controller_cmd::Args),
+    /// Print the BuildKitPool CustomResourceDefinition (YAML).
+    Crd,
     /// Serve the certificate API (ServiceAccount, OIDC and static tokens) over the local PKI.
     Certapi(certapi_cmd::Args),
     /// Get a short-lived client certificate for a pool with a CI token.
@@ -89,6 +96,13 @@ fn main() -> ExitCode {
             Command::Cert(command) => cert_cmd::run(command).map(|()| ExitCode::SUCCESS),
             Command::Status(args) => status_cmd::run(args).await.map(|()| ExitCode::SUCCESS),
             Command::Standin(args) => standin_cmd::run(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Controller(args) => {
+                controller_cmd::run(args).await.map(|()| ExitCode::SUCCESS)
+            }
+            Command::Crd => {
+                print!("{}", control::crd::yaml::crd_yaml());
+                Ok(ExitCode::SUCCESS)
+            }
             Command::Certapi(args) => certapi_cmd::run(args).await.map(|()| ExitCode::SUCCESS),
             Command::Login(args) => login_cmd::run(args).await,
         }

@@ -10,13 +10,17 @@
 //! - [`standin`]: the built-in stand-in backend (gRPC health + raw echo on one port).
 //! - [`driver`]: starting and stopping replicas (local processes).
 //! - `grpc`: the hand-encoded gRPC frame and `grpc.health.v1` messages.
+//! - [`crd`]: the `BuildKitPool` custom resource, its schema and semantic validation.
+//! - [`operator`]: the Kubernetes reconcilers, the controller and leader election.
 pub mod auth;
 pub mod certapi;
+pub mod crd;
 pub mod driver;
 mod grpc;
 pub mod health;
 pub mod https;
 pub mod local_config;
+pub mod operator;
 pub mod pki;
 pub mod scale;
 pub mod standin;

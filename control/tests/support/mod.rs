@@ -1,4 +1,200 @@
-//! Test fixtures for the control crate's integration tests.
+//! Test fixtures for the control crate's integration tests ([`issuer`]), and helpers for
+//! tests against a real API server (kube-local, kind, a real cluster): a client
+//! from `BKPOOL_TEST_KUBECONFIG`, one fresh namespace per test, the CRD installed, the
+//! controller running in the background, and polling with a deadline.
+
 #![allow(dead_code)]
 
 pub mod issuer;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use control::crd::BuildKitPool;
+use control::operator::Settings;
+use control::operator::controller::{self, Scope};
+use control::operator::metrics::Metrics;
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, PostParams};
+use kube::{Client, ResourceExt};
+use tokio::sync::oneshot;
+
+/// A client for the test cluster, or None (and a note) when BKPOOL_TEST_KUBECONFIG is unset.
+pub async fn test_client() -> Option<Client> {
+    let config = test_config().await?;
+    Some(Client::try_from(config).expect("client"))
+}
+
+pub async fn test_config() -> Option<kube::Config> {
+    let Ok(path) = std::env::var("BKPOOL_TEST_KUBECONFIG") else {
+        eprintln!(
+            "skipped: BKPOOL_TEST_KUBECONFIG is not set (../shared/tools/kube-local/start.sh)"
+        );
+        return None;
+    };
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let kubeconfig = kube::config::Kubeconfig::read_from(path).expect("kubeconfig");
+    let options = kube::config::KubeConfigOptions::default();
+    Some(
+        kube::Config::from_custom_kubeconfig(kubeconfig, &options)
+            .await
+            .expect("config"),
+    )
+}
+
+/// A client acting with `token` (e.g. a ServiceAccount's) against the same server.
+pub fn client_with_token(mut config: kube::Config, token: &str) -> Client {
+    config.auth_info = serde_json::from_value(serde_json::json!({ "token": token })).unwrap();
+    Client::try_from(config).expect("client")
+}
+
+/// A unique lowercase name starting with `prefix`.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    format!(
+        "{prefix}-{:x}{:x}{n}",
+        std::process::id() % 4096,
+        nanos % 65_536
+    )
+}
+
+/// A fresh namespace; tests delete it at the end (one left by a failed test shows what happened).
+pub struct TestNamespace {
+    pub name: String,
+    client: Client,
+}
+
+impl TestNamespace {
+    pub async fn create(client: &Client, prefix: &str) -> Self {
+        let name = unique(prefix);
+        let api: Api<Namespace> = Api::all(client.clone());
+        let mut ns = Namespace::default();
+        ns.metadata.name = Some(name.clone());
+        api.create(&PostParams::default(), &ns)
+            .await
+            .expect("namespace");
+        Self {
+            name,
+            client: client.clone(),
+        }
+    }
+}
+
+impl TestNamespace {
+    /// Deletes the namespace without waiting (deletion takes at least 5 s).
+    pub async fn delete(self) {
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        let _ = api.delete(&self.name, &DeleteParams::default()).await;
+    }
+}
+
+/// Installs (or updates) the CRD and waits until it is Established.
+pub async fn install_crd(client: &Client) {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    // Create or replace: Kubernetes 1.20 mangles a server-side apply of an
+    // apiextensions/v1 CRD (it loses subresources and columns), as kubectl never does.
+    let mut crd = control::crd::yaml::crd();
+    match api.create(&PostParams::default(), &crd).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            let current = api.get(&crd.name_any()).await.expect("get CRD");
+            crd.metadata.resource_version = current.resource_version();
+            match api
+                .replace(&crd.name_any(), &PostParams::default(), &crd)
+                .await
+            {
+                Ok(_) => {}
+                // Another test replaced it first with the same content.
+                Err(kube::Error::Api(s)) if s.code == 409 => {}
+                Err(e) => panic!("replace CRD: {e}"),
+            }
+        }
+        Err(e) => panic!("create CRD: {e}"),
+    }
+    eventually("CRD established", Duration::from_secs(20), || {
+        let api = api.clone();
+        async move {
+            let crd = api.get("buildkitpools.bkpool.dev").await.ok()?;
+            let conditions = crd.status?.conditions?;
+            conditions
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True")
+                .then_some(())
+        }
+    })
+    .await;
+    // Discovery of a new CRD lags Established by a moment; wait until the kind is served.
+    eventually("CRD served", Duration::from_secs(20), || {
+        let api: Api<BuildKitPool> = Api::all(client.clone());
+        async move { api.list(&Default::default()).await.ok().map(drop) }
+    })
+    .await;
+}
+
+/// Polls `probe` every 100 ms until it returns Some, panicking with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The operator running in the background for one namespace.
+pub struct RunningController {
+    pub metrics: Metrics,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningController {
+    pub fn start(client: &Client, namespace: &str) -> Self {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        let (stop, stopped) = oneshot::channel();
+        let scope = Scope::Namespace(namespace.to_owned());
+        let task = tokio::spawn(controller::run(
+            client.clone(),
+            scope,
+            Settings::default(),
+            metrics.clone(),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        Self {
+            metrics,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), &mut self.task).await;
+    }
+}
+
+impl Drop for RunningController {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

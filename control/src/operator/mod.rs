@@ -1,0 +1,39 @@
+//! The Kubernetes operator: `BuildKitPool` in, workloads, Services, Secrets, ConfigMaps and
+//! NetworkPolicies out. One reconciler per concern, each `reconcile(pool, ctx)` building its
+//! desired objects with pure functions and writing them only when the cached object differs.
+//!
+//! - [`controller`]: the kube-runtime Controller, its watch caches, and the order the
+//!   reconcilers run in.
+//! - [`context`]: what every reconciler gets: client, caches, settings, metrics, events.
+//! - [`objects`]: names, labels and owner references shared by the reconcilers.
+//! - [`apply`]: server-side apply with field manager `bkpool`, skipped when nothing changed.
+//! - [`pki`]: per-pool client and backend CAs, the gateway and buildkitd certificates,
+//!   rotation with overlapping trust bundles.
+//! - [`buildkitd`]: the `buildkitd.toml` ConfigMap.
+//! - [`workload`]: Deployment, StatefulSet (cache claims kept while asleep) or Job.
+//! - [`service`]: the backend Service (headless for StatefulSet) and the client-facing name.
+//! - [`netpol`]: the NetworkPolicy letting only gateway pods reach buildkitd.
+//! - [`status`]: phase, conditions, replicas, endpoint; wake and sleep Events.
+//! - [`leader`]: leader election with a coordination.k8s.io/v1 Lease.
+//! - [`metrics`]: `bkpool_controller_*` metrics.
+//! - [`error`]: the operator's errors and their metric reasons.
+
+pub mod apply;
+pub mod buildkitd;
+pub mod context;
+pub mod controller;
+pub mod error;
+pub mod leader;
+pub mod metrics;
+pub mod netpol;
+pub mod objects;
+pub mod pki;
+pub mod service;
+pub mod status;
+pub mod workload;
+
+pub use context::{Context, Settings};
+pub use error::Error;
+
+/// The one field manager every bkpool write uses.
+pub const FIELD_MANAGER: &str = "bkpool";

@@ -1,0 +1,292 @@
+//! Leader election and least privilege against a real API server (skipped without
+//! `BKPOOL_TEST_KUBECONFIG`): one leader of two, takeover on release and on a crash; the
+//! controller running as its own ServiceAccount with the RBAC from `deploy/` does its job and
+//! is refused anything else.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use control::crd::{BuildKitPool, Phase};
+use control::operator::leader::LeaderElection;
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use kube::Client;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use serde_json::json;
+use support::*;
+use tokio::sync::{oneshot, watch};
+
+struct Contender {
+    leader: watch::Receiver<bool>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn contend(client: &Client, ns: &str, identity: &str) -> Contender {
+    let election = LeaderElection::new(client.clone(), ns, "bkpool-controller", identity)
+        .with_timings(Duration::from_secs(3), Duration::from_millis(200));
+    let (tx, leader) = watch::channel(false);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        election
+            .run(tx, async move {
+                let _ = stopped.await;
+            })
+            .await;
+    });
+    Contender {
+        leader,
+        stop: Some(stop),
+        task,
+    }
+}
+
+async fn holder(client: &Client, ns: &str) -> Option<String> {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
+    leases
+        .get("bkpool-controller")
+        .await
+        .ok()?
+        .spec?
+        .holder_identity
+}
+
+#[tokio::test]
+async fn two_contenders_elect_one_leader_and_the_other_takes_over() {
+    let Some(client) = test_client().await else {
+        return;
+    };
+    let ns = TestNamespace::create(&client, "bkp-leader").await;
+    let a = contend(&client, &ns.name, "a");
+    let b = contend(&client, &ns.name, "b");
+    let first = eventually("a leader", Duration::from_secs(10), || async {
+        match (*a.leader.borrow(), *b.leader.borrow()) {
+            (true, false) => Some("a"),
+            (false, true) => Some("b"),
+            (true, true) => panic!("two leaders"),
+            _ => None,
+        }
+    })
+    .await;
+    // Leadership is stable: for a few renewals exactly one leads, the one the Lease names.
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_ne!(*a.leader.borrow(), *b.leader.borrow(), "exactly one leader");
+    }
+    assert_eq!(holder(&client, &ns.name).await.as_deref(), Some(first));
+
+    // A leader that stops releases the Lease: the other takes over within a retry or two.
+    let (leading, mut standby) = if first == "a" { (a, b) } else { (b, a) };
+    let stopped_at = Instant::now();
+    let _ = leading.stop.unwrap().send(());
+    let _ = leading.task.await;
+    standby.leader.wait_for(|l| *l).await.unwrap();
+    let took = stopped_at.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "takeover after release took {took:?}"
+    );
+
+    // A leader that dies without releasing is replaced once its lease expires (3 s).
+    let mut c = contend(&client, &ns.name, "c");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(!*c.leader.borrow(), "c must wait while the lease is held");
+    let crashed_at = Instant::now();
+    standby.task.abort();
+    tokio::time::timeout(Duration::from_secs(10), c.leader.wait_for(|l| *l))
+        .await
+        .unwrap()
+        .unwrap();
+    let took = crashed_at.elapsed();
+    assert!(
+        took >= Duration::from_secs(2),
+        "took over a live lease after {took:?}"
+    );
+    let lease: Api<Lease> = Api::namespaced(client.clone(), &ns.name);
+    let spec = lease.get("bkpool-controller").await.unwrap().spec.unwrap();
+    assert_eq!(spec.holder_identity.as_deref(), Some("c"));
+    assert!(spec.lease_transitions.unwrap() >= 2, "{spec:?}");
+    let _ = c.stop.take().unwrap().send(());
+    let _ = c.task.await;
+    ns.delete().await;
+}
+
+#[tokio::test]
+async fn the_controller_does_its_job_with_the_deployed_rbac_and_nothing_more() {
+    let Some(config) = test_config().await else {
+        return;
+    };
+    let client = Client::try_from(config.clone()).unwrap();
+    install_crd(&client).await;
+    let ns = TestNamespace::create(&client, "bkp-rbac").await;
+    let cluster_names = install_controller_rbac(&client, &ns.name).await;
+
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns.name);
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![],
+            expiration_seconds: Some(600),
+            ..TokenRequestSpec::default()
+        },
+        ..TokenRequest::default()
+    };
+    let token = sas
+        .create_token_request("bkpool-controller", &PostParams::default(), &request)
+        .await
+        .unwrap();
+    let token = token.status.unwrap().token;
+    let sa_client = client_with_token(config, &token);
+
+    // The ServiceAccount's Lease and reconciles work.
+    let election = LeaderElection::new(sa_client.clone(), &ns.name, "bkpool-controller", "sa");
+    assert!(
+        election.try_acquire_or_renew().await.unwrap(),
+        "the Role allows the Lease"
+    );
+    let controller = RunningController::start(&sa_client, &ns.name);
+    let pools: Api<BuildKitPool> = Api::namespaced(client.clone(), &ns.name);
+    let pool: BuildKitPool = serde_json::from_value(json!({
+        "apiVersion": "bkpool.dev/v1alpha1", "kind": "BuildKitPool",
+        "metadata": {"name": "p"}, "spec": {"workload": {"kind": "StatefulSet"}}
+    }))
+    .unwrap();
+    pools.create(&PostParams::default(), &pool).await.unwrap();
+    eventually(
+        "pool reconciled as the ServiceAccount",
+        Duration::from_secs(30),
+        || async {
+            let status = pools.get("p").await.ok()?.status?;
+            (status.phase == Some(Phase::Sleeping)).then_some(())
+        },
+    )
+    .await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    assert!(secrets.get("p-client-ca").await.is_ok());
+    controller.stop().await;
+
+    // Anything outside the role is refused.
+    let forbidden = |r: Result<(), kube::Error>, what: &str| match r {
+        Err(kube::Error::Api(s)) => assert_eq!(s.code, 403, "{what}: {s:?}"),
+        other => panic!("{what}: expected 403, got {other:?}"),
+    };
+    let sa_pods: Api<Pod> = Api::namespaced(sa_client.clone(), &ns.name);
+    forbidden(
+        sa_pods.list(&ListParams::default()).await.map(drop),
+        "list pods",
+    );
+    let sa_secrets: Api<Secret> = Api::namespaced(sa_client.clone(), &ns.name);
+    forbidden(
+        sa_secrets.get("p-client-ca").await.map(drop),
+        "get a secret",
+    );
+    forbidden(
+        sa_secrets
+            .delete("p-client-ca", &DeleteParams::default())
+            .await
+            .map(drop),
+        "delete a secret",
+    );
+    let sa_pools: Api<BuildKitPool> = Api::namespaced(sa_client.clone(), &ns.name);
+    forbidden(
+        sa_pools
+            .delete("p", &DeleteParams::default())
+            .await
+            .map(drop),
+        "delete a pool",
+    );
+    let other_lease = Lease {
+        metadata: kube::api::ObjectMeta {
+            name: Some("other".into()),
+            ..Default::default()
+        },
+        spec: None,
+    };
+    let sa_leases: Api<Lease> = Api::namespaced(sa_client.clone(), &ns.name);
+    sa_leases
+        .create(&PostParams::default(), &other_lease)
+        .await
+        .unwrap();
+    forbidden(sa_leases.get("other").await.map(drop), "get another lease");
+
+    let roles: Api<ClusterRole> = Api::all(client.clone());
+    let bindings: Api<ClusterRoleBinding> = Api::all(client.clone());
+    let _ = bindings
+        .delete(&cluster_names, &DeleteParams::default())
+        .await;
+    let _ = roles.delete(&cluster_names, &DeleteParams::default()).await;
+    ns.delete().await;
+}
+
+/// Creates deploy/'s controller RBAC, moved into `ns` (cluster-wide names get `-<ns>`).
+/// Returns the ClusterRole's (and ClusterRoleBinding's) name.
+async fn install_controller_rbac(client: &Client, ns: &str) -> String {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/kustomize/rbac-controller.yaml"
+    );
+    let text = std::fs::read_to_string(path).unwrap();
+    let cluster_name = format!("bkpool-controller-{ns}");
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let mut value: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
+        let kind = value["kind"].as_str().unwrap().to_owned();
+        let meta = &mut value["metadata"];
+        if meta.get("namespace").is_some() {
+            meta["namespace"] = json!(ns);
+        }
+        if kind.starts_with("Cluster") {
+            meta["name"] = json!(cluster_name);
+        }
+        if let Some(subjects) = value.get_mut("subjects").and_then(|s| s.as_array_mut()) {
+            for s in subjects {
+                s["namespace"] = json!(ns);
+            }
+        }
+        if kind == "ClusterRoleBinding" {
+            value["roleRef"]["name"] = json!(cluster_name);
+        }
+        let pp = PostParams::default();
+        match kind.as_str() {
+            "ServiceAccount" => {
+                let o: ServiceAccount = serde_json::from_value(value).unwrap();
+                Api::namespaced(client.clone(), ns)
+                    .create(&pp, &o)
+                    .await
+                    .map(drop)
+            }
+            "ClusterRole" => {
+                let o: ClusterRole = serde_json::from_value(value).unwrap();
+                Api::<ClusterRole>::all(client.clone())
+                    .create(&pp, &o)
+                    .await
+                    .map(drop)
+            }
+            "ClusterRoleBinding" => {
+                let o: ClusterRoleBinding = serde_json::from_value(value).unwrap();
+                Api::<ClusterRoleBinding>::all(client.clone())
+                    .create(&pp, &o)
+                    .await
+                    .map(drop)
+            }
+            "Role" => {
+                let o: Role = serde_json::from_value(value).unwrap();
+                Api::namespaced(client.clone(), ns)
+                    .create(&pp, &o)
+                    .await
+                    .map(drop)
+            }
+            "RoleBinding" => {
+                let o: RoleBinding = serde_json::from_value(value).unwrap();
+                Api::namespaced(client.clone(), ns)
+                    .create(&pp, &o)
+                    .await
+                    .map(drop)
+            }
+            other => panic!("unexpected kind {other} in {path}"),
+        }
+        .unwrap_or_else(|e| panic!("creating {kind}: {e}"));
+    }
+    cluster_name
+}

@@ -1,0 +1,217 @@
+//! `bkpool controller`: the Kubernetes operator. Every replica contends for the leader Lease
+//! and serves `/healthz`, `/readyz` and `/metrics`; only the leader runs the reconcilers,
+//! and it stops them the moment it loses the Lease.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use control::operator::Settings;
+use control::operator::controller::{self, Scope};
+use control::operator::leader::LeaderElection;
+use control::operator::metrics;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Serve pools in this namespace only (default: all namespaces).
+    #[arg(long, env = "BKPOOL_WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    /// Namespace of the leader Lease (the controller's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "bkpool-system")]
+    lease_namespace: String,
+    #[arg(long, default_value = "bkpool-controller")]
+    lease_name: String,
+    /// This replica's name in the Lease (the pod name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "15s")]
+    lease_duration: Duration,
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    retry_period: Duration,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, default_value = "0.0.0.0:9090")]
+    listen: SocketAddr,
+    /// The gateway Service's DNS name; pool Services are aliases of it.
+    #[arg(long, default_value = "bkpool-gateway.bkpool-system.svc.cluster.local")]
+    gateway_host: String,
+    #[arg(long, default_value_t = 1234)]
+    gateway_port: i32,
+    /// A label of the gateway's namespace, KEY=VALUE (repeatable; default
+    /// bkpool.dev/system=true). Pool NetworkPolicies admit gateway pods from it.
+    #[arg(long = "gateway-namespace-label", value_parser = label)]
+    gateway_namespace_labels: Vec<(String, String)>,
+    /// A label of the gateway's pods, KEY=VALUE (repeatable; default
+    /// app.kubernetes.io/name=bkpool-gateway).
+    #[arg(long = "gateway-pod-label", value_parser = label)]
+    gateway_pod_labels: Vec<(String, String)>,
+    /// Kubeconfig file (default: in-cluster, then $KUBECONFIG).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let client = client(args.kubeconfig.as_deref()).await?;
+    let identity = args.identity.clone().unwrap_or_else(hostname);
+    let election = LeaderElection::new(
+        client.clone(),
+        &args.lease_namespace,
+        &args.lease_name,
+        &identity,
+    )
+    .with_timings(args.lease_duration, args.retry_period);
+    let (registry, metrics) = metrics::registry();
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    tracing::info!(addr = %listener.local_addr()?, %identity, "controller admin endpoint");
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let admin = tokio::spawn(serve_admin(
+        listener,
+        registry,
+        election.clone(),
+        stopped(stop_rx.clone()),
+    ));
+    let (leader_tx, mut leader_rx) = watch::channel(false);
+    let contender = election.clone();
+    let contending = tokio::spawn({
+        let stop = stopped(stop_rx.clone());
+        async move { contender.run(leader_tx, stop).await }
+    });
+    tokio::spawn(async move {
+        crate::shutdown::requested().await;
+        let _ = stop_tx.send(true);
+    });
+    let scope = args.namespace.clone().map_or(Scope::All, Scope::Namespace);
+    let mut settings = Settings {
+        gateway_host: args.gateway_host.clone(),
+        gateway_port: args.gateway_port,
+        ..Settings::default()
+    };
+    if !args.gateway_namespace_labels.is_empty() {
+        settings.gateway_namespace_labels = args.gateway_namespace_labels.iter().cloned().collect();
+    }
+    if !args.gateway_pod_labels.is_empty() {
+        settings.gateway_pod_labels = args.gateway_pod_labels.iter().cloned().collect();
+    }
+    loop {
+        tokio::select! {
+            () = stopped(stop_rx.clone()) => break,
+            changed = leader_rx.wait_for(|leader| *leader) => if changed.is_err() { break },
+        }
+        tracing::info!(%identity, "leading: reconciling");
+        metrics.set_leader(true);
+        let lost = {
+            let mut rx = leader_rx.clone();
+            let stop = stopped(stop_rx.clone());
+            async move {
+                tokio::select! {
+                    () = stop => {}
+                    _ = rx.wait_for(|leader| !*leader) => {}
+                }
+            }
+        };
+        controller::run(
+            client.clone(),
+            scope.clone(),
+            settings.clone(),
+            metrics.clone(),
+            lost,
+        )
+        .await;
+        metrics.set_leader(false);
+        tracing::info!(%identity, "stopped reconciling");
+    }
+    let _ = contending.await;
+    let _ = admin.await;
+    Ok(())
+}
+
+async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let options = kube::config::KubeConfigOptions::default();
+            kube::Config::from_custom_kubeconfig(file, &options).await?
+        }
+        None => kube::Config::infer().await.context("finding the cluster")?,
+    };
+    kube::Client::try_from(config).context("building the Kubernetes client")
+}
+
+/// Completes once `stop` turns true.
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+#[derive(Clone)]
+struct Admin {
+    registry: Arc<Mutex<Registry>>,
+    election: LeaderElection,
+}
+
+async fn serve_admin(
+    listener: tokio::net::TcpListener,
+    registry: Arc<Mutex<Registry>>,
+    election: LeaderElection,
+    stop: impl Future<Output = ()> + Send + 'static,
+) {
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .with_state(Admin { registry, election });
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(stop)
+        .await
+    {
+        tracing::error!(error = %e, "admin endpoint failed");
+    }
+}
+
+/// Ready while the API server answers: a standby is ready too (it takes over on its own).
+async fn readyz(State(admin): State<Admin>) -> (StatusCode, &'static str) {
+    if admin.election.api_reachable() {
+        (StatusCode::OK, "ok")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the API server is not reachable",
+        )
+    }
+}
+
+async fn metrics_text(
+    State(admin): State<Admin>,
+) -> (StatusCode, [(&'static str, &'static str); 1], String) {
+    let mut text = String::new();
+    let registry = admin.registry.lock().unwrap_or_else(|p| p.into_inner());
+    let status = match prometheus_client::encoding::text::encode(&mut text, &registry) {
+        Ok(()) => StatusCode::OK,
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+    (status, [("content-type", content_type)], text)
+}
+
+fn label(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => Err(format!("{text:?} is not KEY=VALUE")),
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| format!("bkpool-controller-{}", std::process::id()))
+}
