@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use proxy::config::{
     CertFiles, ConfigErrors, DEFAULT_ADMIN, DEFAULT_LISTEN, Fault, GatewayConfig, Limits, Mode,
-    PoolConfig, Timeouts,
+    PoolConfig, Timeouts, value,
 };
 use proxy::names::{DEFAULT_NAMESPACE, PoolId};
 use serde::Deserialize;
@@ -527,48 +527,32 @@ impl Validator {
         }
     }
 
-    fn addr(&mut self, path: &str, value: &str) -> SocketAddr {
-        value.parse().unwrap_or_else(|_| {
-            self.fault(path, format!("{value:?} is not an IP address and port"));
+    fn addr(&mut self, path: &str, text: &str) -> SocketAddr {
+        value::addr(text).unwrap_or_else(|message| {
+            self.fault(path, message);
             SocketAddr::from(([127, 0, 0, 1], 0))
         })
     }
 
-    fn count(&mut self, path: &str, value: Option<i64>) -> Option<usize> {
-        match value {
-            Some(n) if (1..=1_000_000).contains(&n) => Some(n as usize),
-            Some(n) => {
-                self.fault(path, format!("{n} is out of range (1 to 1000000)"));
-                None
-            }
-            None => None,
-        }
+    fn count(&mut self, path: &str, n: Option<i64>) -> Option<usize> {
+        value::count(n?)
+            .map_err(|message| self.fault(path, message))
+            .ok()
     }
 
     /// A duration longer than zero.
-    fn duration(&mut self, path: &str, value: Option<&str>, default: Duration) -> Duration {
-        let Some(text) = value else { return default };
-        match self.any_duration(path, text) {
-            Some(d) if d.is_zero() => {
-                self.fault(path, "must be longer than zero");
-                default
-            }
-            Some(d) => d,
-            None => default,
-        }
+    fn duration(&mut self, path: &str, text: Option<&str>, default: Duration) -> Duration {
+        let Some(text) = text else { return default };
+        value::duration(text).unwrap_or_else(|message| {
+            self.fault(path, message);
+            default
+        })
     }
 
     fn any_duration(&mut self, path: &str, text: &str) -> Option<Duration> {
-        match humantime::parse_duration(text) {
-            Ok(d) => Some(d),
-            Err(e) => {
-                self.fault(
-                    path,
-                    format!("{text:?} is not a duration like \"10s\" or \"2h\": {e}"),
-                );
-                None
-            }
-        }
+        value::any_duration(text)
+            .map_err(|message| self.fault(path, message))
+            .ok()
     }
 }
 

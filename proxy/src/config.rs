@@ -473,44 +473,29 @@ impl Validator<'_> {
         }
     }
 
-    fn addr(&mut self, path: &str, value: &str) -> SocketAddr {
-        value.parse().unwrap_or_else(|_| {
-            self.fault(path, format!("{value:?} is not an IP address and port"));
+    fn addr(&mut self, path: &str, text: &str) -> SocketAddr {
+        value::addr(text).unwrap_or_else(|message| {
+            self.fault(path, message);
             SocketAddr::from(([127, 0, 0, 1], 0))
         })
     }
 
-    fn count(&mut self, path: &str, value: Option<i64>, default: usize) -> usize {
-        self.optional_count(path, value).unwrap_or(default)
+    fn count(&mut self, path: &str, n: Option<i64>, default: usize) -> usize {
+        self.optional_count(path, n).unwrap_or(default)
     }
 
-    fn optional_count(&mut self, path: &str, value: Option<i64>) -> Option<usize> {
-        match value {
-            Some(n) if (1..=1_000_000).contains(&n) => Some(n as usize),
-            Some(n) => {
-                self.fault(path, format!("{n} is out of range (1 to 1000000)"));
-                None
-            }
-            None => None,
-        }
+    fn optional_count(&mut self, path: &str, n: Option<i64>) -> Option<usize> {
+        value::count(n?)
+            .map_err(|message| self.fault(path, message))
+            .ok()
     }
 
-    fn duration(&mut self, path: &str, value: Option<&str>, default: Duration) -> Duration {
-        let Some(text) = value else { return default };
-        match humantime::parse_duration(text) {
-            Ok(d) if !d.is_zero() => d,
-            Ok(_) => {
-                self.fault(path, "must be longer than zero");
-                default
-            }
-            Err(e) => {
-                self.fault(
-                    path,
-                    format!("{text:?} is not a duration like \"10s\" or \"2h\": {e}"),
-                );
-                default
-            }
-        }
+    fn duration(&mut self, path: &str, text: Option<&str>, default: Duration) -> Duration {
+        let Some(text) = text else { return default };
+        value::duration(text).unwrap_or_else(|message| {
+            self.fault(path, message);
+            default
+        })
     }
 
     fn file(&mut self, path: &str, value: &str) -> PathBuf {
@@ -518,6 +503,40 @@ impl Validator<'_> {
             self.fault(path, "empty path");
         }
         self.base.join(value)
+    }
+}
+
+/// Value parsers shared by every bkpool configuration (the gateway's and local mode's): each
+/// returns the message a fault reports, so every file says the same thing the same way.
+pub mod value {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    pub fn addr(text: &str) -> Result<SocketAddr, String> {
+        text.parse()
+            .map_err(|_| format!("{text:?} is not an IP address and port"))
+    }
+
+    /// A count of connections or the like: 1 to 1,000,000.
+    pub fn count(n: i64) -> Result<usize, String> {
+        match usize::try_from(n) {
+            Ok(n) if (1..=1_000_000).contains(&n) => Ok(n),
+            _ => Err(format!("{n} is out of range (1 to 1000000)")),
+        }
+    }
+
+    /// A duration such as "10s" or "2h", possibly zero.
+    pub fn any_duration(text: &str) -> Result<Duration, String> {
+        humantime::parse_duration(text)
+            .map_err(|e| format!("{text:?} is not a duration like \"10s\" or \"2h\": {e}"))
+    }
+
+    /// A duration longer than zero.
+    pub fn duration(text: &str) -> Result<Duration, String> {
+        match any_duration(text)? {
+            d if d.is_zero() => Err("must be longer than zero".into()),
+            d => Ok(d),
+        }
     }
 }
 

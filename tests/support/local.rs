@@ -2,10 +2,9 @@
 //! (ports 127.0.0.1:0, its own state directory and replica port range), client certificates
 //! from `bkpool cert issue`, and readers for `/pools` and `/metrics`.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,39 +33,19 @@ pub fn local(ports: &str, body: &str) -> Local {
     let config =
         format!("listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nports = \"{ports}\"\n{body}\n");
     std::fs::write(dir.path().join("local.toml"), config).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bkpool"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_bkpool"));
+    command
         .args(["--log-format", "json", "local", "--config"])
         .arg(dir.path().join("local.toml"))
         .arg("--state-dir")
         .arg(dir.path().join("state"))
-        .env("BKPOOL_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start bkpool local");
-    let stderr = child.stderr.take().unwrap();
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let (tx, rx) = std::sync::mpsc::channel();
-    let sink = log.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("gateway listening") {
-                let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-                let f = &v["fields"];
-                let addr = |k: &str| f[k].as_str().unwrap().parse::<SocketAddr>().unwrap();
-                let _ = tx.send((addr("listen"), addr("admin")));
-            }
-            sink.lock().unwrap().push(line);
-        }
-    });
-    let Ok((listen, admin)) = rx.recv_timeout(Duration::from_secs(20)) else {
-        let _ = child.kill();
-        panic!(
-            "bkpool local did not start:\n{}",
-            log.lock().unwrap().join("\n")
-        );
-    };
+        .env("BKPOOL_LOG", "info");
+    let super::Listening {
+        child,
+        listen,
+        admin,
+        log,
+    } = super::spawn_listening(command, "local");
     Local {
         child,
         listen,

@@ -132,15 +132,44 @@ pub fn start_binary(
     config_dir: tempfile::TempDir,
     pki: Arc<TestPki>,
 ) -> GatewayProcess {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bkpool"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_bkpool"));
+    command
         .args(["--log-format", "json", "gateway", "--config"])
         .arg(path)
-        .env("BKPOOL_LOG", "info,proxy=debug")
+        .env("BKPOOL_LOG", "info,proxy=debug");
+    let Listening {
+        child,
+        listen,
+        admin,
+        log,
+    } = spawn_listening(command, "gateway");
+    GatewayProcess {
+        child,
+        listen,
+        admin,
+        pki,
+        config_dir,
+        log,
+    }
+}
+
+/// A bkpool process whose gateway is listening, with its log collected as it runs.
+pub struct Listening {
+    pub child: Child,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+/// Spawns a `bkpool` command logging JSON to stderr and waits (20 s at most) for the
+/// gateway's "gateway listening" line, which names its listen and admin addresses.
+pub fn spawn_listening(mut command: Command, what: &str) -> Listening {
+    let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("start bkpool");
+        .unwrap_or_else(|e| panic!("start bkpool {what}: {e}"));
     let stderr = child.stderr.take().unwrap();
     let log = Arc::new(Mutex::new(Vec::new()));
     let (tx, rx) = std::sync::mpsc::channel();
@@ -156,23 +185,20 @@ pub fn start_binary(
             sink.lock().unwrap().push(line);
         }
     });
-    let (listen, admin) = match rx.recv_timeout(Duration::from_secs(20)) {
-        Ok(addrs) => addrs,
+    match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok((listen, admin)) => Listening {
+            child,
+            listen,
+            admin,
+            log,
+        },
         Err(_) => {
             let _ = child.kill();
             panic!(
-                "gateway did not start; log:\n{}",
+                "bkpool {what} did not start; log:\n{}",
                 log.lock().unwrap().join("\n")
             );
         }
-    };
-    GatewayProcess {
-        child,
-        listen,
-        admin,
-        pki,
-        config_dir,
-        log,
     }
 }
 
