@@ -407,6 +407,19 @@ pub fn fuzz_token(data: &[u8]) {
 }
 
 #[cfg(test)]
+impl OidcTrust {
+    pub(crate) fn for_tests(issuer: &str, identity_claim: &str) -> Self {
+        let raw = [("sub".to_owned(), rules::RawPatterns::One("x*".into()))].into();
+        Self {
+            issuer: issuer.into(),
+            audiences: vec!["bkpool".into()],
+            rules: ClaimRules::from_raw(&raw).unwrap(),
+            identity_claim: Some(identity_claim.into()),
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use base64::Engine;
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -431,18 +444,5 @@ mod tests {
             super::fuzz_token(input.as_bytes());
         }
         super::fuzz_token(&[0xff, 0xfe]);
-    }
-}
-
-#[cfg(test)]
-impl OidcTrust {
-    pub(crate) fn for_tests(issuer: &str, identity_claim: &str) -> Self {
-        let raw = [("sub".to_owned(), rules::RawPatterns::One("x*".into()))].into();
-        Self {
-            issuer: issuer.into(),
-            audiences: vec!["bkpool".into()],
-            rules: ClaimRules::from_raw(&raw).unwrap(),
-            identity_claim: Some(identity_claim.into()),
-        }
     }
 }
