@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use proxy::config::{
     CertFiles, ConfigErrors, DEFAULT_ADMIN, DEFAULT_LISTEN, Fault, GatewayConfig, Limits, Mode,
-    PoolConfig, Timeouts, value,
+    PoolConfig, RawPoolLimits, RawPoolTimeouts, RawTimeouts, Timeouts, value,
 };
 use proxy::names::{DEFAULT_NAMESPACE, PoolId};
 use serde::Deserialize;
@@ -207,15 +207,6 @@ struct RawLimits {
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct RawTimeouts {
-    handshake: Option<String>,
-    connect: Option<String>,
-    idle: Option<String>,
-    drain: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 struct RawSettings {
     tick: Option<String>,
     drain_settle: Option<String>,
@@ -237,20 +228,6 @@ struct RawPool {
     scaling: RawScaling,
     #[serde(default)]
     replica: RawReplica,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawPoolLimits {
-    max_connections: Option<i64>,
-    max_connections_per_identity: Option<i64>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawPoolTimeouts {
-    connect: Option<String>,
-    idle: Option<String>,
 }
 
 #[derive(Deserialize, Default)]

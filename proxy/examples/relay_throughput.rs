@@ -6,7 +6,6 @@
 //! time per GiB is measured apart from the test's writer and reader; on a shared machine
 //! that figure is steadier than the wall-clock rate. A quick check, not a benchmark.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use proxy::relay::{self, Direction, Path, Settings, Tally};
@@ -156,37 +155,4 @@ async fn connected() -> (TcpStream, TcpStream) {
     (near, far)
 }
 
-/// A self-signed `localhost` server and a client that trusts it.
-struct Tls {
-    acceptor: tokio_rustls::TlsAcceptor,
-    connector: tokio_rustls::TlsConnector,
-}
-
-impl Tls {
-    fn new() -> Self {
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        let key_der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
-        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.der().clone()], key_der)
-            .unwrap();
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(cert.der().clone()).unwrap();
-        let client = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        Self {
-            acceptor: Arc::new(server).into(),
-            connector: Arc::new(client).into(),
-        }
-    }
-}
+use proxy::testing::LoopbackTls as Tls;

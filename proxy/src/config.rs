@@ -204,13 +204,14 @@ struct RawLimits {
     max_handshakes: Option<i64>,
 }
 
+/// `[timeouts]` as written: shared by every bkpool configuration with a gateway in it.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct RawTimeouts {
-    handshake: Option<String>,
-    connect: Option<String>,
-    idle: Option<String>,
-    drain: Option<String>,
+pub struct RawTimeouts {
+    pub handshake: Option<String>,
+    pub connect: Option<String>,
+    pub idle: Option<String>,
+    pub drain: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -238,18 +239,20 @@ struct RawPool {
     backend_tls: Option<RawBackendTls>,
 }
 
+/// `[pool.limits]` as written.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct RawPoolLimits {
-    max_connections: Option<i64>,
-    max_connections_per_identity: Option<i64>,
+pub struct RawPoolLimits {
+    pub max_connections: Option<i64>,
+    pub max_connections_per_identity: Option<i64>,
 }
 
+/// `[pool.timeouts]` as written.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct RawPoolTimeouts {
-    connect: Option<String>,
-    idle: Option<String>,
+pub struct RawPoolTimeouts {
+    pub connect: Option<String>,
+    pub idle: Option<String>,
 }
 
 #[derive(Deserialize)]

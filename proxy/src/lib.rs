@@ -18,6 +18,7 @@
 //! - [`activity`]: lock-free per-pool activity for the control loop.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/activity`.
+//! - `testing` (feature `test-util`): TLS fixtures over loopback for tests and examples.
 //! - [`server`]: starts a whole gateway from a configuration (credentials first, then bind).
 pub mod activity;
 pub mod admin;
@@ -35,5 +36,7 @@ pub mod names;
 pub mod relay;
 pub mod route;
 pub mod server;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
 pub mod tls;
 pub mod verified;

@@ -1,7 +1,6 @@
 //! Idle connections hold no copy buffer and no pipe. The pool counters are process-wide,
 //! so this check lives in its own test binary with a single test.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use proxy::relay::{self, Direction, Path, Settings, Tally, pool};
@@ -112,30 +111,6 @@ async fn tls_pair() -> (
     tokio_rustls::client::TlsStream<TcpStream>,
     tokio_rustls::server::TlsStream<TcpStream>,
 ) {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
-    let key_der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
-    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.der().clone()], key_der)
-        .unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert.der().clone()).unwrap();
-    let client = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
     let (near, far) = connected().await;
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
-    let (near, far) = tokio::join!(connector.connect(name, near), acceptor.accept(far));
-    (near.unwrap(), far.unwrap())
+    proxy::testing::LoopbackTls::new().wrap(near, far).await
 }

@@ -677,63 +677,7 @@ fn reset(tcp: &TcpStream) {
 }
 
 /// A CA, a server certificate for `localhost` signed by it, and configs trusting it.
-struct Tls {
-    acceptor: tokio_rustls::TlsAcceptor,
-    connector: tokio_rustls::TlsConnector,
-}
-
-impl Tls {
-    fn new() -> Self {
-        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-        let ca = Issuer::new(ca_params, ca_key);
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(vec!["localhost".to_string()])
-            .unwrap()
-            .signed_by(&key, &ca)
-            .unwrap();
-
-        let key_der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
-        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.der().clone()], key_der)
-            .unwrap();
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(ca_cert.der().clone()).unwrap();
-        let client = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        Self {
-            acceptor: Arc::new(server).into(),
-            connector: Arc::new(client).into(),
-        }
-    }
-
-    /// Runs the handshake over a connected pair: `near` is the TLS client.
-    async fn wrap(
-        &self,
-        near: TcpStream,
-        far: TcpStream,
-    ) -> (
-        tokio_rustls::client::TlsStream<TcpStream>,
-        tokio_rustls::server::TlsStream<TcpStream>,
-    ) {
-        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let (near, far) = tokio::join!(
-            self.connector.connect(name, near),
-            self.acceptor.accept(far)
-        );
-        (near.unwrap(), far.unwrap())
-    }
-}
+use crate::testing::LoopbackTls as Tls;
 
 /// A tally the tests read back.
 #[derive(Default)]
