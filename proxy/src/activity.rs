@@ -32,6 +32,10 @@ pub struct PoolActivity {
     bytes_out: AtomicU64,
     /// Unix time in milliseconds of the last authenticated connection event or byte moved.
     last_activity_ms: AtomicU64,
+    /// The drain this gateway has acknowledged for the pool (Kubernetes mode): set once new
+    /// connections are held instead of routed, so a scaler that sees it on every gateway knows
+    /// no connection can reach the backend without showing up here first.
+    draining: std::sync::Mutex<Option<Arc<str>>>,
 }
 
 /// Gateway-wide relay counters (splice and copy counted apart, half-closes and resets).
@@ -62,6 +66,9 @@ pub struct PoolSnapshot {
     pub bytes_out: u64,
     /// Unix time in milliseconds; 0 if the pool never saw an authenticated connection.
     pub last_activity_ms: u64,
+    /// The drain mark this gateway holds new connections for, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draining: Option<String>,
 }
 
 impl Activity {
@@ -137,6 +144,18 @@ impl PoolActivity {
         self.last_activity_ms.load(Relaxed)
     }
 
+    /// Acknowledges (or, with `None`, clears) the drain mark `token`. Cold path: called when
+    /// a pool's drain state changes, never per connection.
+    pub fn set_draining(&self, token: Option<&str>) {
+        let mut draining = self.draining.lock().unwrap_or_else(|e| e.into_inner());
+        *draining = token.map(Arc::from);
+    }
+
+    pub fn draining(&self) -> Option<Arc<str>> {
+        let draining = self.draining.lock().unwrap_or_else(|e| e.into_inner());
+        draining.clone()
+    }
+
     fn touch(&self) {
         self.last_activity_ms.store(now_ms(), Relaxed);
     }
@@ -151,6 +170,7 @@ impl PoolActivity {
             bytes_in: self.bytes_in.load(Relaxed),
             bytes_out: self.bytes_out.load(Relaxed),
             last_activity_ms: self.last_activity_ms.load(Relaxed),
+            draining: self.draining().map(|t| t.to_string()),
         }
     }
 }
@@ -261,6 +281,28 @@ mod tests {
         assert_eq!((snap.bytes_in, snap.bytes_out), (10, 3));
         assert_eq!(activity.relay_totals().splice_bytes.load(Relaxed), 10);
         assert_eq!(activity.relay_totals().copy_bytes.load(Relaxed), 3);
+    }
+
+    #[test]
+    fn a_drain_mark_is_reported_until_cleared() {
+        let activity = Activity::default();
+        let a = activity.pool(&pool("a"));
+        a.set_draining(Some("2026-11-26T09:00:00Z"));
+        let snap = activity.snapshot();
+        assert_eq!(
+            snap.pools[0].draining.as_deref(),
+            Some("2026-11-26T09:00:00Z")
+        );
+        let json = serde_json::to_string(&snap).unwrap();
+        assert!(
+            json.contains(r#""draining":"2026-11-26T09:00:00Z""#),
+            "{json}"
+        );
+        a.set_draining(None);
+        let json = serde_json::to_string(&activity.snapshot()).unwrap();
+        assert!(!json.contains("draining"), "{json}");
+        let back: Snapshot = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.pools[0].draining, None);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The `BuildKitPool` status. The operator's status reconciler owns `phase`, `conditions`,
 //! `observedGeneration`, `replicas`, `readyReplicas` and `endpoint` (field manager `bkpool`);
-//! the scaler owns `lastActivityTime` and `openConnections` under its own field manager, so a
-//! status apply by one never erases the other's fields.
+//! the scaler owns `lastActivityTime`, `openConnections` and `drainingSince` under its own
+//! field manager, so a status apply by one never erases the other's fields.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use schemars::JsonSchema;
@@ -29,6 +29,11 @@ pub struct BuildKitPoolStatus {
     pub last_activity_time: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub open_connections: Option<i64>,
+    /// Set by the scaler when it starts draining the pool before a scale-down; its value is
+    /// the drain's mark, which every gateway echoes in its activity report once it holds new
+    /// connections instead of routing them. Cleared when the drain ends either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draining_since: Option<Time>,
 }
 
 /// Where a pool is in its life. The variants are the whole vocabulary: a pool is asleep,

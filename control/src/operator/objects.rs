@@ -16,8 +16,6 @@ pub const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=bkpool";
 pub const POOL_LABEL: &str = "bkpool.dev/pool";
 /// Port buildkitd listens on for the gateway (or clients, in passthrough mode).
 pub const BUILDKITD_PORT: i32 = 1234;
-/// Pool annotation the scaler sets while it drains a pool before scaling it down.
-pub const DRAINING_ANNOTATION: &str = "bkpool.dev/draining";
 
 /// The object names of one pool.
 #[derive(Debug, Clone, PartialEq, Eq)]

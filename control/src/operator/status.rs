@@ -15,7 +15,7 @@ use serde_json::json;
 use super::apply::{covers, params};
 use super::context::{Context, cached};
 use super::error::Error;
-use super::objects::{DRAINING_ANNOTATION, POOL_LABEL, PoolNames};
+use super::objects::{POOL_LABEL, PoolNames};
 use super::service;
 use crate::crd::{BuildKitPool, BuildKitPoolStatus, Phase, WorkloadKind};
 
@@ -137,6 +137,7 @@ pub fn desired(pool: &BuildKitPool, observed: &Observed, now: Time) -> BuildKitP
         // The scaler's fields, not applied by this manager.
         last_activity_time: None,
         open_connections: None,
+        draining_since: None,
     }
 }
 
@@ -226,9 +227,9 @@ pub async fn reconcile(
         observed.endpoint = Some(service::endpoint(pool, &ctx.settings));
     }
     observed.draining = pool
-        .annotations()
-        .get(DRAINING_ANNOTATION)
-        .is_some_and(|v| v == "true");
+        .status
+        .as_ref()
+        .is_some_and(|s| s.draining_since.is_some());
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let status = desired(pool, &observed, now);
     let phase = status.phase.unwrap_or(Phase::Degraded);
@@ -397,8 +398,8 @@ mod tests {
     fn the_scalers_fields_are_never_sent() {
         let pool = fixtures::pool("a", BuildKitPoolSpec::default());
         let status = serde_json::to_value(desired(&pool, &running(0, 0), at(1))).unwrap();
-        assert!(
-            status.get("lastActivityTime").is_none() && status.get("openConnections").is_none()
-        );
+        for field in ["lastActivityTime", "openConnections", "drainingSince"] {
+            assert!(status.get(field).is_none(), "{field} in {status}");
+        }
     }
 }
