@@ -62,6 +62,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }),
         admin_routes: status::router(scaler.clone()),
         registry,
+        routes_later: false,
     };
     let running = server::start(&gateway_config, options).await?;
     let stop_loop = CancellationToken::new();

@@ -54,7 +54,7 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the gateway with static backends from a configuration file.
+    /// Run the gateway: static backends from a configuration file, or --kubernetes.
     Gateway(gateway_cmd::Args),
     /// Write demonstration certificates and a gateway configuration to a directory.
     Demo(demo::Args),

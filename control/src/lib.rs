@@ -16,6 +16,7 @@ pub mod auth;
 pub mod certapi;
 pub mod crd;
 pub mod driver;
+pub mod gateway;
 mod grpc;
 pub mod health;
 pub mod https;

@@ -12,7 +12,7 @@ use control::operator::leader::LeaderElection;
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::json;
@@ -122,7 +122,7 @@ async fn the_controller_does_its_job_with_the_deployed_rbac_and_nothing_more() {
     let client = Client::try_from(config.clone()).unwrap();
     install_crd(&client).await;
     let ns = TestNamespace::create(&client, "bkp-rbac").await;
-    let cluster_names = install_controller_rbac(&client, &ns.name).await;
+    let cluster_names = install_rbac(&client, &ns.name, "rbac-controller.yaml").await;
 
     let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns.name);
     let request = TokenRequest {
@@ -218,75 +218,4 @@ async fn the_controller_does_its_job_with_the_deployed_rbac_and_nothing_more() {
         .await;
     let _ = roles.delete(&cluster_names, &DeleteParams::default()).await;
     ns.delete().await;
-}
-
-/// Creates deploy/'s controller RBAC, moved into `ns` (cluster-wide names get `-<ns>`).
-/// Returns the ClusterRole's (and ClusterRoleBinding's) name.
-async fn install_controller_rbac(client: &Client, ns: &str) -> String {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../deploy/kustomize/rbac-controller.yaml"
-    );
-    let text = std::fs::read_to_string(path).unwrap();
-    let cluster_name = format!("bkpool-controller-{ns}");
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let mut value: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
-        let kind = value["kind"].as_str().unwrap().to_owned();
-        let meta = &mut value["metadata"];
-        if meta.get("namespace").is_some() {
-            meta["namespace"] = json!(ns);
-        }
-        if kind.starts_with("Cluster") {
-            meta["name"] = json!(cluster_name);
-        }
-        if let Some(subjects) = value.get_mut("subjects").and_then(|s| s.as_array_mut()) {
-            for s in subjects {
-                s["namespace"] = json!(ns);
-            }
-        }
-        if kind == "ClusterRoleBinding" {
-            value["roleRef"]["name"] = json!(cluster_name);
-        }
-        let pp = PostParams::default();
-        match kind.as_str() {
-            "ServiceAccount" => {
-                let o: ServiceAccount = serde_json::from_value(value).unwrap();
-                Api::namespaced(client.clone(), ns)
-                    .create(&pp, &o)
-                    .await
-                    .map(drop)
-            }
-            "ClusterRole" => {
-                let o: ClusterRole = serde_json::from_value(value).unwrap();
-                Api::<ClusterRole>::all(client.clone())
-                    .create(&pp, &o)
-                    .await
-                    .map(drop)
-            }
-            "ClusterRoleBinding" => {
-                let o: ClusterRoleBinding = serde_json::from_value(value).unwrap();
-                Api::<ClusterRoleBinding>::all(client.clone())
-                    .create(&pp, &o)
-                    .await
-                    .map(drop)
-            }
-            "Role" => {
-                let o: Role = serde_json::from_value(value).unwrap();
-                Api::namespaced(client.clone(), ns)
-                    .create(&pp, &o)
-                    .await
-                    .map(drop)
-            }
-            "RoleBinding" => {
-                let o: RoleBinding = serde_json::from_value(value).unwrap();
-                Api::namespaced(client.clone(), ns)
-                    .create(&pp, &o)
-                    .await
-                    .map(drop)
-            }
-            other => panic!("unexpected kind {other} in {path}"),
-        }
-        .unwrap_or_else(|e| panic!("creating {kind}: {e}"));
-    }
-    cluster_name
 }

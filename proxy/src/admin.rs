@@ -57,11 +57,17 @@ async fn metrics(State(admin): State<Admin>) -> Response {
 async fn ready(State(admin): State<Admin>) -> Response {
     if admin.gateway.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else if !admin.gateway.routes_loaded() {
+        (StatusCode::SERVICE_UNAVAILABLE, "routes not loaded yet\n").into_response()
     } else {
         "ready\n".into_response()
     }
 }
 
+/// Unavailable until the routes are loaded: a report listing no pools would read as "idle".
 async fn activity(State(admin): State<Admin>) -> Response {
+    if !admin.gateway.routes_loaded() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "routes not loaded yet\n").into_response();
+    }
     axum::Json(admin.gateway.activity().snapshot()).into_response()
 }

@@ -38,6 +38,10 @@ pub struct Gateway {
     pub(crate) metrics: Metrics,
     pub(crate) settings: Settings,
     draining: AtomicBool,
+    /// False until whoever feeds the routes has loaded them once (a Kubernetes gateway before
+    /// its first watch sync): readiness and `/activity` fail meanwhile, so neither clients nor
+    /// the scaler take an empty table for the truth.
+    routes_loaded: AtomicBool,
 }
 
 impl Gateway {
@@ -59,6 +63,7 @@ impl Gateway {
             metrics,
             settings,
             draining: AtomicBool::new(false),
+            routes_loaded: AtomicBool::new(true),
         })
     }
 
@@ -89,6 +94,15 @@ impl Gateway {
 
     pub fn admission(&self) -> &Arc<Admission> {
         &self.admission
+    }
+
+    /// Marks the routes as (not yet) loaded; see the field.
+    pub fn set_routes_loaded(&self, loaded: bool) {
+        self.routes_loaded.store(loaded, Ordering::Relaxed);
+    }
+
+    pub fn routes_loaded(&self) -> bool {
+        self.routes_loaded.load(Ordering::Relaxed)
     }
 
     /// True once shutdown has begun: readiness fails and nothing new is accepted.

@@ -50,6 +50,9 @@ pub struct Options {
     pub admin_routes: Router,
     /// Extra metrics registered next to the gateway's (the control loop's, in local mode).
     pub registry: Registry,
+    /// Routes come later through [`Gateway::set_routes`]: not ready until
+    /// [`Gateway::set_routes_loaded`] says so.
+    pub routes_later: bool,
 }
 
 impl Default for Options {
@@ -59,6 +62,7 @@ impl Default for Options {
             upstream: Box::new(|pool| Arc::new(StaticUpstream::new(&pool.backends))),
             admin_routes: Router::new(),
             registry: Registry::default(),
+            routes_later: false,
         }
     }
 }
@@ -95,6 +99,7 @@ pub async fn start(config: &GatewayConfig, options: Options) -> Result<Running, 
         drain_timeout: config.timeouts.drain,
     };
     let gateway = Gateway::new(settings, Routes::new(routes), tls, &mut registry);
+    gateway.set_routes_loaded(!options.routes_later);
     let registry = Arc::new(registry);
     let shutdown = CancellationToken::new();
     let admin_router =

@@ -69,9 +69,19 @@ pub struct ServerCert {
 /// Loads a certificate chain and its key and checks them: the key matches, the leaf is valid
 /// now, and each certificate is issued by the next one in the chain.
 pub fn load_server_cert(cert_path: &Path, key_path: &Path) -> Result<ServerCert, TlsError> {
-    let chain = read_certs(cert_path)?;
-    let key_pem = read(key_path)?;
-    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::Invalid {
+    server_cert_from_pem(&read(cert_path)?, cert_path, &read(key_path)?, key_path)
+}
+
+/// [`load_server_cert`] for material already in memory (a Kubernetes Secret, say); the paths
+/// only name where it came from in errors.
+pub fn server_cert_from_pem(
+    cert_pem: &[u8],
+    cert_path: &Path,
+    key_pem: &[u8],
+    key_path: &Path,
+) -> Result<ServerCert, TlsError> {
+    let chain = certs_from_pem(cert_pem, cert_path)?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsError::Invalid {
         path: key_path.into(),
         what: format!("no usable private key: {e}"),
     })?;
@@ -115,7 +125,15 @@ pub fn load_server_cert(cert_path: &Path, key_path: &Path) -> Result<ServerCert,
 
 /// Loads a CA bundle: at least one certificate, each a CA and valid now.
 pub fn load_ca_bundle(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = read_certs(path)?;
+    ca_bundle_from_pem(&read(path)?, path)
+}
+
+/// [`load_ca_bundle`] for PEM already in memory; `path` names its origin in errors.
+pub fn ca_bundle_from_pem(
+    pem: &[u8],
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = certs_from_pem(pem, path)?;
     for der in &certs {
         let cert = parse(path, der)?;
         if !cert.is_ca() {
@@ -420,9 +438,8 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     })
 }
 
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = read(path)?;
-    let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&pem).collect();
+fn certs_from_pem(pem: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem).collect();
     let certs = certs.map_err(|e| TlsError::Invalid {
         path: path.into(),
         what: format!("bad PEM: {e}"),
@@ -492,16 +509,25 @@ pub fn backend_client_config(
     cert: &Path,
     key: &Path,
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    backend_client_config_from_pem((&read(ca)?, ca), (&read(cert)?, cert), (&read(key)?, key))
+}
+
+/// [`backend_client_config`] for PEM already in memory, each with the path naming its origin.
+pub fn backend_client_config_from_pem(
+    (ca_pem, ca): (&[u8], &Path),
+    (cert_pem, cert): (&[u8], &Path),
+    (key_pem, key): (&[u8], &Path),
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let mut roots = RootCertStore::empty();
-    for der in load_ca_bundle(ca)? {
+    for der in ca_bundle_from_pem(ca_pem, ca)? {
         roots.add(der).map_err(|e| TlsError::Invalid {
             path: ca.into(),
             what: e.to_string(),
         })?;
     }
-    let pair = load_server_cert(cert, key)?;
+    let pair = server_cert_from_pem(cert_pem, cert, key_pem, key)?;
     let chain = pair.key.cert.clone();
-    let key_der = PrivateKeyDer::from_pem_slice(&read(key)?).map_err(|e| TlsError::Invalid {
+    let key_der = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsError::Invalid {
         path: key.into(),
         what: format!("no usable private key: {e}"),
     })?;

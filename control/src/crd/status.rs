@@ -78,6 +78,15 @@ fn phase_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
 }
 
 impl BuildKitPoolStatus {
+    /// The drain mark as text, exactly as gateways echo it and the scaler compares it.
+    pub fn draining_mark(&self) -> Option<String> {
+        let since = self.draining_since.as_ref()?;
+        match serde_json::to_value(since) {
+            Ok(serde_json::Value::String(text)) => Some(text),
+            _ => None,
+        }
+    }
+
     /// The condition of `type_`, if set.
     pub fn condition(&self, type_: &str) -> Option<&Condition> {
         self.conditions.iter().find(|c| c.type_ == type_)

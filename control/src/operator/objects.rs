@@ -14,6 +14,10 @@ pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "bkpool");
 pub const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=bkpool";
 /// Label naming the pool an object belongs to.
 pub const POOL_LABEL: &str = "bkpool.dev/pool";
+/// Label on the Secrets the gateway reads (its server and backend-leg certificates): the
+/// gateway's watch selects on it, so CA keys never reach the gateway's memory.
+pub const GATEWAY_SECRET_LABEL: &str = "bkpool.dev/gateway-secret";
+pub const GATEWAY_SECRET_SELECTOR: &str = "bkpool.dev/gateway-secret=true";
 /// Port buildkitd listens on for the gateway (or clients, in passthrough mode).
 pub const BUILDKITD_PORT: i32 = 1234;
 

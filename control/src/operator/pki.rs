@@ -31,7 +31,7 @@ use kube::runtime::events::EventType;
 use super::apply::{self, Outcome};
 use super::context::Context;
 use super::error::Error;
-use super::objects::{PoolNames, owned_meta};
+use super::objects::{GATEWAY_SECRET_LABEL, PoolNames, owned_meta};
 use crate::crd::{BuildKitPool, duration};
 use crate::pki::inspect::CertInfo;
 use crate::pki::{Ca, PkiError, Problem};
@@ -449,8 +449,15 @@ async fn leaf(
                 false,
             )
         };
+    let mut metadata = owned_meta(pool, name.to_owned());
+    if label.starts_with("gateway") {
+        metadata
+            .labels
+            .get_or_insert_default()
+            .insert(GATEWAY_SECRET_LABEL.into(), "true".into());
+    }
     let secret = Secret {
-        metadata: owned_meta(pool, name.to_owned()),
+        metadata,
         type_: Some("kubernetes.io/tls".into()),
         data: Some(leaf_data(&cert_pem, &key_pem, &bundle)),
         ..Secret::default()

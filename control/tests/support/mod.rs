@@ -15,9 +15,12 @@ use control::operator::Settings;
 use control::operator::controller::{self, Scope};
 use control::operator::metrics::Metrics;
 use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::{Client, ResourceExt};
+use serde_json::json;
 use tokio::sync::oneshot;
 
 /// A client for the test cluster, or None (and a note) when BKPOOL_TEST_KUBECONFIG is unset.
@@ -197,4 +200,82 @@ impl Drop for RunningController {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// Creates the RBAC of `deploy/kustomize/<file>`, moved into `ns` (cluster-wide names get
+/// `-<ns>`). Returns the ClusterRole's (and ClusterRoleBinding's) name.
+pub async fn install_rbac(client: &Client, ns: &str, file: &str) -> String {
+    // Included by the control crate's tests and by the workspace root's.
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let path = [manifest, manifest.parent().unwrap()]
+        .iter()
+        .map(|dir| dir.join("deploy/kustomize").join(file))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("deploy/kustomize/{file} not found"));
+    let path = path.display();
+    let text = std::fs::read_to_string(path.to_string()).unwrap();
+    let mut cluster_name = String::new();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let mut value: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
+        let kind = value["kind"].as_str().unwrap().to_owned();
+        let meta = &mut value["metadata"];
+        if meta.get("namespace").is_some() {
+            meta["namespace"] = json!(ns);
+        }
+        if kind.starts_with("Cluster") {
+            let name = format!("{}-{ns}", meta["name"].as_str().unwrap());
+            meta["name"] = json!(name);
+            cluster_name = name;
+        }
+        if let Some(subjects) = value.get_mut("subjects").and_then(|s| s.as_array_mut()) {
+            for s in subjects {
+                s["namespace"] = json!(ns);
+            }
+        }
+        if kind == "ClusterRoleBinding" {
+            let role = format!("{}-{ns}", value["roleRef"]["name"].as_str().unwrap());
+            value["roleRef"]["name"] = json!(role);
+        }
+        let pp = PostParams::default();
+        match kind.as_str() {
+            "ServiceAccount" => {
+                let o: ServiceAccount = serde_json::from_value(value).unwrap();
+                Api::namespaced(client.clone(), ns)
+                    .create(&pp, &o)
+                    .await
+                    .map(drop)
+            }
+            "ClusterRole" => {
+                let o: ClusterRole = serde_json::from_value(value).unwrap();
+                Api::<ClusterRole>::all(client.clone())
+                    .create(&pp, &o)
+                    .await
+                    .map(drop)
+            }
+            "ClusterRoleBinding" => {
+                let o: ClusterRoleBinding = serde_json::from_value(value).unwrap();
+                Api::<ClusterRoleBinding>::all(client.clone())
+                    .create(&pp, &o)
+                    .await
+                    .map(drop)
+            }
+            "Role" => {
+                let o: Role = serde_json::from_value(value).unwrap();
+                Api::namespaced(client.clone(), ns)
+                    .create(&pp, &o)
+                    .await
+                    .map(drop)
+            }
+            "RoleBinding" => {
+                let o: RoleBinding = serde_json::from_value(value).unwrap();
+                Api::namespaced(client.clone(), ns)
+                    .create(&pp, &o)
+                    .await
+                    .map(drop)
+            }
+            other => panic!("unexpected kind {other} in {path}"),
+        }
+        .unwrap_or_else(|e| panic!("creating {kind}: {e}"));
+    }
+    cluster_name
 }

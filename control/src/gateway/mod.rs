@@ -1,0 +1,315 @@
+//! `bkpool gateway --kubernetes`: the data plane fed from the cluster. Watch caches of pools,
+//! of the gateway's certificate Secrets and of buildkitd pods become the route table, the TLS
+//! configuration and each pool's ready backends; a pool with none is woken by the gateway
+//! itself; the scaler's drain mark makes the gateway hold new connections and acknowledge the
+//! mark in `/activity`.
+//!
+//! - [`table`]: pools and Secrets → routes and certificates (Secrets parsed once per version).
+//! - [`pods`]: which pods serve.
+//! - [`upstream`]: per pool: route, hold, wake single-flight, drain.
+//! - [`wake`]: `/scale` from zero, or a Job pool's wake Job.
+//! - [`metrics`]: `bkpool_gateway_*` metrics of this side.
+
+pub mod metrics;
+pub mod pods;
+pub mod table;
+pub mod upstream;
+pub mod wake;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource};
+use proxy::gateway::Gateway;
+use proxy::names::PoolId;
+use proxy::route::{PoolRoute, Routes};
+use proxy::tls;
+use serde::de::DeserializeOwned;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+pub use metrics::Metrics;
+use table::{Entry, ParsedSecrets};
+use upstream::{PoolState, PoolUpstream};
+use wake::KubeWaker;
+
+use crate::crd::BuildKitPool;
+use crate::operator::controller::Scope;
+use crate::operator::objects::GATEWAY_SECRET_SELECTOR;
+
+/// Changes arriving within this window are applied together.
+const DEBOUNCE: Duration = Duration::from_millis(20);
+
+/// What the gateway serves and its per-connection timeouts.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub scope: Scope,
+    /// Serve only pools matching this label selector.
+    pub pool_selector: Option<String>,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// Keeps `gateway`'s routes, certificates and backends in step with the cluster until `stop`
+/// is cancelled. The gateway reports ready (and serves `/activity`) from the first full sync.
+pub async fn run(
+    client: Client,
+    gateway: Arc<Gateway>,
+    settings: Settings,
+    metrics: Metrics,
+    stop: CancellationToken,
+) {
+    let tables = Arc::new(Notify::new());
+    let pods_changed = Arc::new(Notify::new());
+    let mut pool_config = watcher::Config::default();
+    if let Some(selector) = &settings.pool_selector {
+        pool_config = pool_config.labels(selector);
+    }
+    let (pools, pool_events) = cache::<BuildKitPool>(&client, &settings.scope, pool_config);
+    let secret_config = watcher::Config::default().labels(GATEWAY_SECRET_SELECTOR);
+    let (secrets, secret_events) = cache::<Secret>(&client, &settings.scope, secret_config);
+    let pod_config = watcher::Config::default().labels(pods::SELECTOR);
+    let (pod_store, pod_events) = cache::<Pod>(&client, &settings.scope, pod_config);
+    let watches = [
+        tokio::spawn(drive(
+            "pools",
+            pool_events,
+            [tables.clone(), pods_changed.clone()],
+        )),
+        tokio::spawn(drive(
+            "secrets",
+            secret_events,
+            [tables.clone(), tables.clone()],
+        )),
+        tokio::spawn(drive(
+            "pods",
+            pod_events,
+            [pods_changed.clone(), pods_changed.clone()],
+        )),
+    ];
+    let synced = async {
+        let _ = pools.wait_until_ready().await;
+        let _ = secrets.wait_until_ready().await;
+        let _ = pod_store.wait_until_ready().await;
+    };
+    tokio::select! {
+        () = stop.cancelled() => {}
+        () = synced => {
+            let mut feed = Feed {
+                client,
+                gateway,
+                settings,
+                metrics,
+                states: HashMap::new(),
+                parsed: ParsedSecrets::default(),
+                tls_versions: None,
+                unroutable: BTreeMap::new(),
+            };
+            feed.routes(&pools, &secrets);
+            feed.backends(&pod_store);
+            feed.gateway.set_routes_loaded(true);
+            tracing::info!(pools = feed.states.len(), "routes loaded from the cluster");
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tables.notified() => {
+                        tokio::time::sleep(DEBOUNCE).await;
+                        feed.routes(&pools, &secrets);
+                        feed.backends(&pod_store);
+                    }
+                    () = pods_changed.notified() => feed.backends(&pod_store),
+                }
+            }
+        }
+    }
+    for watch in watches {
+        watch.abort();
+    }
+}
+
+/// The state carried from one change to the next.
+struct Feed {
+    client: Client,
+    gateway: Arc<Gateway>,
+    settings: Settings,
+    metrics: Metrics,
+    states: HashMap<PoolId, Arc<PoolState>>,
+    parsed: ParsedSecrets,
+    /// Pools and server Secret versions the current TLS configuration was built from.
+    tls_versions: Option<Vec<(PoolId, Option<String>)>>,
+    /// Why each unroutable pool is, to log changes only.
+    unroutable: BTreeMap<String, String>,
+}
+
+impl Feed {
+    /// Rebuilds the route table (and the TLS configuration, if its inputs changed) and
+    /// applies each pool's drain mark.
+    fn routes(&mut self, pools: &Store<BuildKitPool>, secrets: &Store<Secret>) {
+        let plan = table::plan(
+            &pools.state(),
+            |ns, name| secrets.get(&ObjectRef::new(name).within(ns)),
+            &mut self.parsed,
+        );
+        for _ in 0..self.parsed.take_failures() {
+            self.metrics.bad_secret();
+        }
+        let unroutable: BTreeMap<String, String> = plan.unroutable.into_iter().collect();
+        for (pool, why) in &unroutable {
+            if self.unroutable.get(pool) != Some(why) {
+                tracing::info!(%pool, %why, "pool not routed");
+            }
+        }
+        self.unroutable = unroutable;
+        self.metrics
+            .pools(plan.entries.len(), self.unroutable.len());
+
+        let versions: Vec<(PoolId, Option<String>)> = plan
+            .entries
+            .iter()
+            .filter(|e| e.server.is_some())
+            .map(|e| (e.id.clone(), e.server_version.clone()))
+            .collect();
+        if self.tls_versions.as_ref() != Some(&versions) {
+            self.tls(&plan.entries);
+            self.tls_versions = Some(versions);
+        }
+
+        let mut routes = Vec::with_capacity(plan.entries.len());
+        let mut states = HashMap::with_capacity(plan.entries.len());
+        for entry in &plan.entries {
+            let waker = Arc::new(KubeWaker {
+                client: self.client.clone(),
+                pool: entry.pool.clone(),
+            });
+            let state = match self.states.remove(&entry.id) {
+                Some(state) => {
+                    state.update(entry.policy, waker);
+                    state
+                }
+                None => PoolState::new(entry.id.clone(), entry.policy, waker, self.metrics.clone()),
+            };
+            routes.push(self.route(entry, &state));
+            states.insert(entry.id.clone(), state);
+        }
+        for gone in self.states.keys() {
+            self.metrics.forget(gone);
+        }
+        self.states = states;
+        self.gateway.set_routes(Routes::new(routes));
+        for entry in &plan.entries {
+            let mark = entry.pool.status.as_ref().and_then(|s| s.draining_mark());
+            // Hold first, acknowledge second: once the scaler reads the mark back from this
+            // gateway, no new connection reaches a backend of the pool.
+            if self.states[&entry.id].set_draining(mark.as_deref()) {
+                match &mark {
+                    Some(mark) => {
+                        tracing::info!(pool = %entry.id, %mark, "pool draining: holding new connections")
+                    }
+                    None => tracing::info!(pool = %entry.id, "pool no longer draining"),
+                }
+            }
+            self.gateway
+                .activity()
+                .pool(&entry.id)
+                .set_draining(mark.as_deref());
+        }
+    }
+
+    fn route(&self, entry: &Entry, state: &Arc<PoolState>) -> PoolRoute {
+        PoolRoute {
+            id: entry.id.clone(),
+            mode: entry.mode,
+            hostnames: entry.hostnames.clone(),
+            max_connections: entry.max_connections,
+            max_connections_per_identity: entry.max_connections_per_identity,
+            connect_timeout: self.settings.connect_timeout,
+            idle_timeout: self.settings.idle_timeout,
+            upstream: Arc::new(PoolUpstream(state.clone())),
+            backend_tls: entry.backend_tls.clone(),
+        }
+    }
+
+    fn tls(&mut self, entries: &[Entry]) {
+        let servers: Vec<_> = entries
+            .iter()
+            .filter_map(|e| Some((&e.id, e.server.as_ref()?)))
+            .collect();
+        if servers.is_empty() {
+            self.gateway.set_tls(None);
+            return;
+        }
+        let certs: Vec<_> = servers.iter().map(|(_, s)| s.cert.clone()).collect();
+        let cas = servers
+            .iter()
+            .map(|(id, s)| ((*id).clone(), s.client_ca.clone()))
+            .collect();
+        match tls::server_config(&certs, &cas) {
+            Ok(config) => {
+                self.gateway.set_tls(Some(config));
+                self.gateway.metrics().reload("tls_config", true);
+                tracing::info!(pools = certs.len(), "TLS configuration loaded");
+            }
+            Err(e) => {
+                self.gateway.metrics().reload("tls_config", false);
+                tracing::error!(error = %e, "certificates do not build a TLS configuration; keeping the last one");
+            }
+        }
+    }
+
+    /// Gives every pool its ready pods.
+    fn backends(&self, pods: &Store<Pod>) {
+        let ready = pods::ready_by_pool(&pods.state());
+        for (id, state) in &self.states {
+            let addrs = ready.get(id.as_str()).cloned().unwrap_or_default();
+            self.metrics.ready_backends(id, addrs.len());
+            if state.set_ready(addrs.clone()) {
+                tracing::info!(pool = %id, ready = ?addrs, "ready backends changed");
+            }
+        }
+    }
+}
+
+type Events<K> = futures::stream::BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>;
+
+/// A watch cache of `K` and the event stream that feeds it (driven by [`drive`]).
+fn cache<K>(client: &Client, scope: &Scope, config: watcher::Config) -> (Store<K>, Events<K>)
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let api: Api<K> = match scope {
+        Scope::All => Api::all(client.clone()),
+        Scope::Namespace(ns) => Api::namespaced(client.clone(), ns),
+    };
+    let (store, writer) = reflector::store();
+    let events = reflector::reflector(writer, watcher(api, config))
+        .default_backoff()
+        .boxed();
+    (store, events)
+}
+
+/// Runs a watch, waking `notify` on every event. Errors are retried with backoff by the
+/// stream itself; they are only logged here.
+async fn drive<K>(
+    what: &'static str,
+    events: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+    notify: [Arc<Notify>; 2],
+) {
+    futures::pin_mut!(events);
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(_) => notify.iter().for_each(|n| n.notify_one()),
+            Err(e) => tracing::warn!(watch = what, error = %e, "watch failed; retrying"),
+        }
+    }
+}

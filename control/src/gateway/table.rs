@@ -1,0 +1,296 @@
+//! From the cluster's pools and Secrets to what the data plane routes: which pools, in which
+//! mode, under which names and limits, with which certificates. Pure but for a cache of parsed
+//! Secrets: a Secret is parsed again only when its resourceVersion changes, and one that does
+//! not parse keeps the pool's last good material (rotation never serves a half-written pair).
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+use proxy::config::{Mode, normalize_hostname};
+use proxy::names::PoolId;
+use proxy::route::BackendTlsClient;
+use proxy::tls::{self, ServerCert};
+use rustls::pki_types::{CertificateDer, ServerName};
+
+use super::upstream::Policy;
+use crate::crd::{BuildKitPool, GatewayMode, duration, validate};
+use crate::operator::objects::PoolNames;
+
+/// A pool the gateway can route.
+#[derive(Clone)]
+pub struct Entry {
+    pub pool: Arc<BuildKitPool>,
+    pub id: PoolId,
+    pub mode: Mode,
+    /// SNI names (passthrough only).
+    pub hostnames: Vec<String>,
+    pub max_connections: Option<usize>,
+    pub max_connections_per_identity: Option<usize>,
+    pub policy: Policy,
+    /// Terminate mode: the server certificate for the pool's names and its client CA bundle.
+    pub server: Option<ServerMaterial>,
+    /// The resourceVersion `server` was read from: the TLS configuration is rebuilt only when
+    /// some pool's changes.
+    pub server_version: Option<String>,
+    /// Terminate mode: the gateway's client side of the mTLS leg to buildkitd.
+    pub backend_tls: Option<BackendTlsClient>,
+}
+
+/// What the gateway's TLS server needs from a pool.
+#[derive(Clone)]
+pub struct ServerMaterial {
+    pub cert: ServerCert,
+    pub client_ca: Vec<CertificateDer<'static>>,
+}
+
+/// The whole table, and the pools left out with the reason.
+#[derive(Default)]
+pub struct Plan {
+    pub entries: Vec<Entry>,
+    pub unroutable: Vec<(String, String)>,
+}
+
+/// Parsed Secrets by namespace/name, each with the resourceVersion it was parsed from.
+#[derive(Default)]
+pub struct ParsedSecrets {
+    server: HashMap<String, (String, Option<ServerMaterial>)>,
+    backend: HashMap<String, (String, Option<BackendTlsClient>)>,
+    /// Parse failures since the last call to [`ParsedSecrets::take_failures`].
+    failures: usize,
+}
+
+impl ParsedSecrets {
+    pub fn take_failures(&mut self) -> usize {
+        std::mem::take(&mut self.failures)
+    }
+
+    /// Drops the entries of Secrets not in `keep`.
+    fn retain(&mut self, keep: &HashSet<String>) {
+        self.server.retain(|k, _| keep.contains(k));
+        self.backend.retain(|k, _| keep.contains(k));
+    }
+}
+
+/// Builds the table from every pool, reading Secrets through `secret(namespace, name)`.
+pub fn plan(
+    pools: &[Arc<BuildKitPool>],
+    secret: impl Fn(&str, &str) -> Option<Arc<Secret>>,
+    parsed: &mut ParsedSecrets,
+) -> Plan {
+    let mut pools: Vec<&Arc<BuildKitPool>> = pools
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect();
+    // Older pools win a contested host name; the order is stable across rebuilds.
+    pools.sort_by_key(|p| {
+        let created = p.metadata.creation_timestamp.clone().map(|t| t.0);
+        (created, p.namespace(), p.name_any())
+    });
+    let mut plan = Plan::default();
+    let mut taken: HashSet<String> = HashSet::new();
+    let mut used_secrets = HashSet::new();
+    for pool in pools {
+        let label = format!(
+            "{}/{}",
+            pool.namespace().unwrap_or_default(),
+            pool.name_any()
+        );
+        match entry(pool, &secret, parsed, &mut taken, &mut used_secrets) {
+            Ok(entry) => plan.entries.push(entry),
+            Err(why) => plan.unroutable.push((label, why)),
+        }
+    }
+    parsed.retain(&used_secrets);
+    plan
+}
+
+fn entry(
+    pool: &Arc<BuildKitPool>,
+    secret: &impl Fn(&str, &str) -> Option<Arc<Secret>>,
+    parsed: &mut ParsedSecrets,
+    taken: &mut HashSet<String>,
+    used_secrets: &mut HashSet<String>,
+) -> Result<Entry, String> {
+    let names = PoolNames::of(pool);
+    let id = PoolId::new(&names.namespace, &names.pool).map_err(|e| e.to_string())?;
+    let faults = validate(&pool.spec);
+    if !faults.is_empty() {
+        return Err(format!(
+            "invalid spec: {}",
+            crate::crd::validate::summary(&faults)
+        ));
+    }
+    let spec = &pool.spec;
+    let policy = Policy {
+        wake_timeout: duration::parse(&spec.scaling.wake_timeout)
+            .unwrap_or(Duration::from_secs(60)),
+        max_held: spec.scaling.max_held as usize,
+    };
+    let limit = |n: u32| (n > 0).then_some(n as usize);
+    let mut entry = Entry {
+        pool: pool.clone(),
+        id,
+        mode: Mode::Terminate,
+        hostnames: Vec::new(),
+        max_connections: limit(spec.gateway.max_connections),
+        max_connections_per_identity: limit(spec.gateway.max_connections_per_identity),
+        policy,
+        server: None,
+        server_version: None,
+        backend_tls: None,
+    };
+    match spec.gateway.mode {
+        GatewayMode::Passthrough => {
+            entry.mode = Mode::Passthrough;
+            entry.hostnames = passthrough_names(pool, &names, taken);
+            if entry.hostnames.is_empty() {
+                return Err("every host name is routed to an older pool".into());
+            }
+        }
+        GatewayMode::Terminate => {
+            let server_name = names.gateway_tls();
+            let backend_name = names.gateway_backend_tls();
+            used_secrets.insert(format!("{}/{server_name}", names.namespace));
+            used_secrets.insert(format!("{}/{backend_name}", names.namespace));
+            let server = secret(&names.namespace, &server_name)
+                .ok_or_else(|| format!("Secret {server_name} does not exist yet"))?;
+            let backend = secret(&names.namespace, &backend_name)
+                .ok_or_else(|| format!("Secret {backend_name} does not exist yet"))?;
+            entry.server = Some(parsed.server_material(&server)?);
+            entry.server_version = server.resource_version();
+            let buildkitd = format!("{}.{}.svc", names.buildkitd(), names.namespace);
+            entry.backend_tls = Some(parsed.backend_material(&backend, &buildkitd)?);
+        }
+    }
+    Ok(entry)
+}
+
+/// SNI names of a passthrough pool: its Service names qualified by namespace (a bare pool
+/// name is ambiguous across namespaces) and `spec.gateway.hosts`, minus names an older pool
+/// already has.
+fn passthrough_names(
+    pool: &BuildKitPool,
+    names: &PoolNames,
+    taken: &mut HashSet<String>,
+) -> Vec<String> {
+    let qualified = names.client_dns_names().into_iter().skip(1);
+    let hosts = pool.spec.gateway.hosts.iter().cloned();
+    let mut out = Vec::new();
+    for name in qualified.chain(hosts) {
+        let Some(name) = normalize_hostname(&name) else {
+            continue;
+        };
+        if taken.insert(name.clone()) {
+            out.push(name);
+        } else if !out.contains(&name) {
+            tracing::warn!(pool = %format!("{}/{}", names.namespace, names.pool), host = %name, "host name already routed to an older pool; ignored");
+        }
+    }
+    out
+}
+
+impl ParsedSecrets {
+    fn server_material(&mut self, secret: &Secret) -> Result<ServerMaterial, String> {
+        let key = secret_key(secret);
+        let version = secret.resource_version().unwrap_or_default();
+        let fresh = self.server.get(&key).is_some_and(|(v, _)| *v == version);
+        if !fresh {
+            let last_good = self.server.get(&key).and_then(|(_, m)| m.clone());
+            let parsed = parse_server(secret, &key);
+            let material = match parsed {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    self.failures += 1;
+                    tracing::warn!(secret = %key, error = %e, "certificate Secret refused; keeping the last good material");
+                    last_good
+                }
+            };
+            self.server.insert(key.clone(), (version, material));
+        }
+        let (_, material) = &self.server[&key];
+        material
+            .clone()
+            .ok_or_else(|| format!("Secret {key} holds no usable certificate"))
+    }
+
+    fn backend_material(
+        &mut self,
+        secret: &Secret,
+        server_name: &str,
+    ) -> Result<BackendTlsClient, String> {
+        let key = secret_key(secret);
+        let version = secret.resource_version().unwrap_or_default();
+        let fresh = self.backend.get(&key).is_some_and(|(v, _)| *v == version);
+        if !fresh {
+            let last_good = self.backend.get(&key).and_then(|(_, m)| m.clone());
+            let material = match parse_backend(secret, &key, server_name) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    self.failures += 1;
+                    tracing::warn!(secret = %key, error = %e, "certificate Secret refused; keeping the last good material");
+                    last_good
+                }
+            };
+            self.backend.insert(key.clone(), (version, material));
+        }
+        let (_, material) = &self.backend[&key];
+        material
+            .clone()
+            .ok_or_else(|| format!("Secret {key} holds no usable certificate"))
+    }
+}
+
+fn secret_key(secret: &Secret) -> String {
+    format!(
+        "{}/{}",
+        secret.namespace().unwrap_or_default(),
+        secret.name_any()
+    )
+}
+
+/// A Secret's field, and the pseudo-path naming it in errors.
+fn field<'a>(secret: &'a Secret, key: &str, field: &str) -> Result<(&'a [u8], PathBuf), String> {
+    let origin = PathBuf::from(format!("secret {key} {field}"));
+    secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(field))
+        .map(|b| (b.0.as_slice(), origin.clone()))
+        .ok_or_else(|| format!("{} is missing", origin.display()))
+}
+
+fn parse_server(secret: &Secret, key: &str) -> Result<ServerMaterial, String> {
+    let (cert, cert_origin) = field(secret, key, "tls.crt")?;
+    let (pem_key, key_origin) = field(secret, key, "tls.key")?;
+    let (ca, ca_origin) = field(secret, key, "ca.crt")?;
+    let cert = tls::server_cert_from_pem(cert, &cert_origin, pem_key, &key_origin)
+        .map_err(|e| e.to_string())?;
+    let client_ca = tls::ca_bundle_from_pem(ca, &ca_origin).map_err(|e| e.to_string())?;
+    Ok(ServerMaterial { cert, client_ca })
+}
+
+fn parse_backend(
+    secret: &Secret,
+    key: &str,
+    server_name: &str,
+) -> Result<BackendTlsClient, String> {
+    let ca = field(secret, key, "ca.crt")?;
+    let cert = field(secret, key, "tls.crt")?;
+    let pem_key = field(secret, key, "tls.key")?;
+    let config = tls::backend_client_config_from_pem(
+        (ca.0, &ca.1),
+        (cert.0, &cert.1),
+        (pem_key.0, &pem_key.1),
+    )
+    .map_err(|e| e.to_string())?;
+    let server_name = ServerName::try_from(server_name.to_owned())
+        .map_err(|_| format!("{server_name:?} is not a valid server name"))?;
+    Ok(BackendTlsClient {
+        config,
+        server_name: Some(server_name),
+    })
+}
