@@ -294,3 +294,177 @@ fn parse_backend(
         server_name: Some(server_name),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::ByteString;
+    use serde_json::json;
+
+    use super::*;
+    use crate::pki::Ca;
+
+    fn pool(ns: &str, name: &str, spec: serde_json::Value, created: i64) -> Arc<BuildKitPool> {
+        let mut pool: BuildKitPool = serde_json::from_value(json!({
+            "apiVersion": "bkpool.dev/v1alpha1", "kind": "BuildKitPool",
+            "metadata": {"name": name, "namespace": ns}, "spec": spec,
+        }))
+        .unwrap();
+        let at = k8s_openapi::jiff::Timestamp::from_second(created).unwrap();
+        pool.metadata.creation_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at));
+        Arc::new(pool)
+    }
+
+    fn secret(ns: &str, name: &str, version: &str, data: &[(&str, &str)]) -> Arc<Secret> {
+        let mut secret = Secret::default();
+        secret.metadata.namespace = Some(ns.into());
+        secret.metadata.name = Some(name.into());
+        secret.metadata.resource_version = Some(version.into());
+        let data: BTreeMap<String, ByteString> = data
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), ByteString(v.as_bytes().to_vec())))
+            .collect();
+        secret.data = Some(data);
+        Arc::new(secret)
+    }
+
+    /// The two Secrets the operator writes for the gateway of `ns/name`.
+    fn gateway_secrets(ns: &str, name: &str, version: &str) -> Vec<Arc<Secret>> {
+        let day = Duration::from_secs(86_400);
+        let client = Ca::generate("client", day).unwrap();
+        let backend = Ca::generate("backend", day).unwrap();
+        let server = client
+            .issue_server(&[format!("{name}.{ns}.svc")], day)
+            .unwrap();
+        let leg = backend.issue_client_named("gateway", day).unwrap();
+        vec![
+            secret(
+                ns,
+                &format!("{name}-gateway-tls"),
+                version,
+                &[
+                    ("tls.crt", &server.cert_pem),
+                    ("tls.key", server.key_pem.as_deref().unwrap()),
+                    ("ca.crt", client.cert_pem()),
+                ],
+            ),
+            secret(
+                ns,
+                &format!("{name}-gateway-backend-tls"),
+                version,
+                &[
+                    ("tls.crt", &leg.cert_pem),
+                    ("tls.key", leg.key_pem.as_deref().unwrap()),
+                    ("ca.crt", backend.cert_pem()),
+                ],
+            ),
+        ]
+    }
+
+    fn lookup(secrets: &[Arc<Secret>]) -> impl Fn(&str, &str) -> Option<Arc<Secret>> + '_ {
+        move |ns, name| {
+            secrets
+                .iter()
+                .find(|s| s.namespace().as_deref() == Some(ns) && s.name_any() == name)
+                .cloned()
+        }
+    }
+
+    #[test]
+    fn a_terminate_pool_is_routed_once_its_certificates_exist() {
+        let pools = [pool(
+            "ci",
+            "a",
+            json!({"gateway": {"maxConnections": 5}}),
+            1,
+        )];
+        let mut parsed = ParsedSecrets::default();
+        let before = plan(&pools, lookup(&[]), &mut parsed);
+        assert!(before.entries.is_empty());
+        assert!(
+            before.unroutable[0].1.contains("a-gateway-tls"),
+            "{:?}",
+            before.unroutable
+        );
+
+        let secrets = gateway_secrets("ci", "a", "1");
+        let after = plan(&pools, lookup(&secrets), &mut parsed);
+        let entry = &after.entries[0];
+        assert_eq!((entry.id.as_str(), entry.mode), ("ci/a", Mode::Terminate));
+        assert_eq!(entry.max_connections, Some(5));
+        assert_eq!(entry.server_version.as_deref(), Some("1"));
+        assert!(entry.server.is_some() && entry.backend_tls.is_some());
+        let name = entry.backend_tls.as_ref().unwrap().server_name.clone();
+        assert_eq!(
+            name,
+            Some(ServerName::try_from("a-buildkitd.ci.svc").unwrap())
+        );
+    }
+
+    #[test]
+    fn a_broken_secret_keeps_the_last_good_material_and_is_counted() {
+        let pools = [pool("ci", "a", json!({}), 1)];
+        let mut parsed = ParsedSecrets::default();
+        let good = gateway_secrets("ci", "a", "1");
+        assert_eq!(plan(&pools, lookup(&good), &mut parsed).entries.len(), 1);
+        let broken = vec![
+            secret(
+                "ci",
+                "a-gateway-tls",
+                "2",
+                &[("tls.crt", "garbage"), ("tls.key", "x"), ("ca.crt", "y")],
+            ),
+            good[1].clone(),
+        ];
+        let again = plan(&pools, lookup(&broken), &mut parsed);
+        assert_eq!(
+            again.entries.len(),
+            1,
+            "still routed with the old certificate"
+        );
+        assert_eq!(parsed.take_failures(), 1);
+        // Parsed once per version: the same broken Secret is not parsed (or counted) again.
+        let _ = plan(&pools, lookup(&broken), &mut parsed);
+        assert_eq!(parsed.take_failures(), 0);
+    }
+
+    #[test]
+    fn passthrough_names_are_qualified_and_the_older_pool_keeps_a_contested_host() {
+        let spec = |host: &str| json!({"gateway": {"mode": "passthrough", "hosts": [host]}});
+        let pools = [
+            pool("dev", "b", spec("build.example.com"), 2),
+            pool("ci", "a", spec("build.example.com"), 1),
+            pool(
+                "ci",
+                "bad",
+                json!({"scaling": {"minReplicas": 3, "maxReplicas": 1}}),
+                3,
+            ),
+        ];
+        let plan = plan(&pools, lookup(&[]), &mut ParsedSecrets::default());
+        let hosts: BTreeMap<&str, &Vec<String>> = plan
+            .entries
+            .iter()
+            .map(|e| (e.id.as_str(), &e.hostnames))
+            .collect();
+        assert_eq!(
+            hosts["ci/a"],
+            &[
+                "a.ci",
+                "a.ci.svc",
+                "a.ci.svc.cluster.local",
+                "build.example.com"
+            ]
+        );
+        assert!(!hosts["dev/b"].contains(&"build.example.com".to_owned()));
+        assert!(hosts["dev/b"].contains(&"b.dev.svc".to_owned()));
+        assert_eq!(plan.unroutable.len(), 1);
+        assert!(
+            plan.unroutable[0].1.starts_with("invalid spec"),
+            "{:?}",
+            plan.unroutable
+        );
+    }
+}

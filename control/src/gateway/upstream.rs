@@ -263,3 +263,122 @@ impl Drop for Hold<'_> {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU32;
+
+    use prometheus_client::registry::Registry;
+
+    use super::*;
+
+    /// Counts wake calls; the test decides when backends become ready.
+    #[derive(Default)]
+    struct CountingWaker(AtomicU32);
+
+    impl Waker for CountingWaker {
+        fn wake(&self) -> BoxFuture<'_, Result<Woke, String>> {
+            self.0.fetch_add(1, Relaxed);
+            Box::pin(async { Ok(Woke::ScaledUp) })
+        }
+    }
+
+    fn pool(max_held: usize, wake_timeout: Duration) -> (Arc<PoolState>, Arc<CountingWaker>) {
+        let waker = Arc::new(CountingWaker::default());
+        let policy = Policy {
+            wake_timeout,
+            max_held,
+        };
+        let metrics = Metrics::register(&mut Registry::default());
+        let id: PoolId = "ci/a".parse().unwrap();
+        (PoolState::new(id, policy, waker.clone(), metrics), waker)
+    }
+
+    fn addr(n: u8) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, n], 1234))
+    }
+
+    #[tokio::test]
+    async fn a_ready_pool_serves_at_once_least_loaded_first() {
+        let (state, waker) = pool(4, Duration::from_secs(1));
+        state.set_ready(vec![addr(2), addr(1)]);
+        let activity = Arc::new(PoolActivity::default());
+        let upstream = PoolUpstream(state.clone());
+        let first = upstream.candidates(&activity).await.unwrap();
+        let _busy = first[0].engage();
+        let second = upstream.candidates(&activity).await.unwrap();
+        assert_ne!(first[0].addr, second[0].addr);
+        assert_eq!(waker.0.load(Relaxed), 0);
+        // Counters survive an update that keeps the pod.
+        state.set_ready(vec![addr(1), addr(2), addr(3)]);
+        let loaded: Vec<usize> = state.view().ready.iter().map(Candidate::load).collect();
+        assert_eq!(loaded.iter().sum::<usize>(), 1);
+    }
+
+    #[tokio::test]
+    async fn held_connections_share_one_wake_and_go_when_a_pod_is_ready() {
+        let (state, waker) = pool(8, Duration::from_secs(5));
+        let activity = Arc::new(PoolActivity::default());
+        let held: Vec<_> = (0..3)
+            .map(|_| {
+                let (state, activity) = (state.clone(), activity.clone());
+                tokio::spawn(async move { PoolUpstream(state).candidates(&activity).await })
+            })
+            .collect();
+        while activity.held_count() < 3 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            waker.0.load(Relaxed),
+            1,
+            "one wake for every held connection"
+        );
+        state.set_ready(vec![addr(1)]);
+        for h in held {
+            assert_eq!(h.await.unwrap().unwrap()[0].addr.0, addr(1));
+        }
+        assert_eq!((activity.held_count(), state.held()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn draining_holds_without_waking_until_the_mark_is_cleared() {
+        let (state, waker) = pool(8, Duration::from_secs(5));
+        state.set_ready(vec![addr(1)]);
+        state.set_draining(Some("2026-11-26T09:00:00Z"));
+        let activity = Arc::new(PoolActivity::default());
+        let held = tokio::spawn({
+            let (state, activity) = (state.clone(), activity.clone());
+            async move { PoolUpstream(state).candidates(&activity).await }
+        });
+        while activity.held_count() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!held.is_finished(), "no backend while draining");
+        assert_eq!(waker.0.load(Relaxed), 0, "a draining pool is not woken");
+        // The drain was cancelled: the pod is still there.
+        state.set_draining(None);
+        assert_eq!(held.await.unwrap().unwrap()[0].addr.0, addr(1));
+    }
+
+    #[tokio::test]
+    async fn a_full_hold_queue_refuses_and_a_deadline_ends_the_wait() {
+        let (state, _) = pool(1, Duration::from_millis(200));
+        let activity = Arc::new(PoolActivity::default());
+        let first = tokio::spawn({
+            let (state, activity) = (state.clone(), activity.clone());
+            async move { PoolUpstream(state).candidates(&activity).await }
+        });
+        while state.held() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let second = PoolUpstream(state.clone()).candidates(&activity).await;
+        assert!(matches!(second, Err(RouteError::HoldLimit)), "{second:?}");
+        let first = first.await.unwrap();
+        assert!(
+            matches!(first, Err(RouteError::WakeTimeout(_))),
+            "{first:?}"
+        );
+        assert_eq!(state.held(), 0);
+    }
+}
