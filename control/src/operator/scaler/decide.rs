@@ -195,7 +195,10 @@ fn draining(
     }
     let since = *track.acked_since_ms.get_or_insert(input.now_ms);
     if elapsed(since, input.now_ms) >= policy.settle {
+        // A new idle period must pass before another drain, so a cache still showing the
+        // replicas just removed cannot start one.
         track.acked_since_ms = None;
+        track.idle_since_ms = None;
         return Decision::ConfirmDrain { to: policy.floor };
     }
     Decision::Nothing
@@ -440,6 +443,13 @@ mod tests {
             got.first(),
             Some(&(T0 + 2 * S, Decision::ConfirmDrain { to: 0 }))
         );
+        // The replicas the cache still shows right after do not start another drain.
+        let after = T0 + 6 * S;
+        assert_eq!(
+            decide(&p, &input(after, Some(quiet(2)), 1, None), &mut track),
+            Decision::Nothing
+        );
+        assert_eq!(track.idle_since_ms, Some(after));
     }
 
     #[test]
