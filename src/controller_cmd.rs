@@ -1,6 +1,6 @@
 //! `bkpool controller`: the Kubernetes operator. Every replica contends for the leader Lease
-//! and serves `/healthz`, `/readyz` and `/metrics`; only the leader runs the reconcilers,
-//! and it stops them the moment it loses the Lease.
+//! and serves `/healthz`, `/readyz` and `/metrics`; only the leader runs the reconcilers and
+//! the scaler (side by side), and it stops both the moment it loses the Lease.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,6 +16,7 @@ use control::operator::Settings;
 use control::operator::controller::{self, Scope};
 use control::operator::leader::LeaderElection;
 use control::operator::metrics;
+use control::operator::scaler;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
@@ -52,6 +53,22 @@ pub struct Args {
     /// app.kubernetes.io/name=bkpool-gateway).
     #[arg(long = "gateway-pod-label", value_parser = label)]
     gateway_pod_labels: Vec<(String, String)>,
+    /// The gateway Service (in the controller's namespace, --lease-namespace) whose
+    /// Endpoints list the gateway replicas the scaler polls for activity; ready and
+    /// not-ready addresses are both polled.
+    #[arg(long, default_value = "bkpool-gateway")]
+    gateway_service: String,
+    /// Name of the gateway Service's port serving GET /activity.
+    #[arg(long, default_value = "admin")]
+    gateway_admin_port_name: String,
+    /// How often the scaler polls every gateway replica's activity and decides every pool.
+    /// A report older than three intervals counts as stale: no scale-down on it.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+    activity_interval: Duration,
+    /// How long every gateway replica must acknowledge a drain with no connection open or
+    /// held before the scale-down. Keep it above the gateway's backend connect timeout.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    drain_settle: Duration,
     /// Kubeconfig file (default: in-cluster, then $KUBECONFIG).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
@@ -102,14 +119,22 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if !args.gateway_pod_labels.is_empty() {
         settings.gateway_pod_labels = args.gateway_pod_labels.iter().cloned().collect();
     }
+    let scaling = scaler::Settings {
+        gateway_namespace: args.lease_namespace.clone(),
+        gateway_service: args.gateway_service.clone(),
+        admin_port_name: args.gateway_admin_port_name.clone(),
+        interval: args.activity_interval.max(Duration::from_millis(100)),
+        drain_settle: args.drain_settle,
+        ..scaler::Settings::default()
+    };
     loop {
         tokio::select! {
             () = stopped(stop_rx.clone()) => break,
             changed = leader_rx.wait_for(|leader| *leader) => if changed.is_err() { break },
         }
-        tracing::info!(%identity, "leading: reconciling");
+        tracing::info!(%identity, "leading: reconciling and scaling");
         metrics.set_leader(true);
-        let lost = {
+        let lost = || {
             let mut rx = leader_rx.clone();
             let stop = stopped(stop_rx.clone());
             async move {
@@ -119,16 +144,24 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 }
             }
         };
-        controller::run(
-            client.clone(),
-            scope.clone(),
-            settings.clone(),
-            metrics.clone(),
-            lost,
-        )
-        .await;
+        tokio::join!(
+            controller::run(
+                client.clone(),
+                scope.clone(),
+                settings.clone(),
+                metrics.clone(),
+                lost(),
+            ),
+            scaler::run(
+                client.clone(),
+                scope.clone(),
+                scaling.clone(),
+                metrics.clone(),
+                lost(),
+            ),
+        );
         metrics.set_leader(false);
-        tracing::info!(%identity, "stopped reconciling");
+        tracing::info!(%identity, "stopped reconciling and scaling");
     }
     let _ = contending.await;
     let _ = admin.await;

@@ -42,7 +42,8 @@ impl Error {
     }
 }
 
-fn kube_reason(e: &kube::Error) -> &'static str {
+/// A fixed metric label for a Kubernetes API error.
+pub fn kube_reason(e: &kube::Error) -> &'static str {
     match e {
         kube::Error::Api(s) if s.code == 403 => "forbidden",
         kube::Error::Api(s) if s.code == 409 => "conflict",

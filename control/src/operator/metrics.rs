@@ -1,6 +1,7 @@
 //! `bkpool_controller_*` metrics: reconciles, errors and durations by reconciler, writes,
-//! pools by phase, certificate expiry and leadership. Labels are fixed sets (reconciler,
-//! reason, phase, certificate) plus `pool` as `namespace/name`.
+//! pools by phase, certificate expiry, leadership, and the scaler's scale events, drains and
+//! gateway reports. Labels are fixed sets (reconciler, reason, phase, certificate, direction,
+//! result, state) plus `pool` as `namespace/name`.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
@@ -24,7 +25,26 @@ pub struct Metrics {
     pools: Family<PhaseLabels, Gauge>,
     cert_expiry: Family<CertLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     leader: Gauge<i64, AtomicI64>,
+    scale_events: Family<ScaleLabels, Counter>,
+    drains: Family<DrainLabels, Counter>,
+    gateway_reports: Family<ReportLabels, Gauge>,
 }
+
+/// Which way a scale event went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Up,
+    Down,
+}
+
+/// How a drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainResult {
+    Confirmed,
+    Cancelled,
+}
+
+const SCALE_REASONS: [&str; 3] = ["idle", "load", "floor"];
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReconcilerLabels {
@@ -40,6 +60,24 @@ struct ErrorLabels {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabels {
     phase: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ScaleLabels {
+    pool: String,
+    direction: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DrainLabels {
+    pool: String,
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReportLabels {
+    state: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -62,6 +100,9 @@ impl Metrics {
             pools: Family::default(),
             cert_expiry: Family::default(),
             leader: Gauge::default(),
+            scale_events: Family::default(),
+            drains: Family::default(),
+            gateway_reports: Family::default(),
         };
         r.register("reconciles", "Reconciler runs", metrics.reconciles.clone());
         r.register(
@@ -92,6 +133,26 @@ impl Metrics {
             "1 while this replica holds the leader lease",
             metrics.leader.clone(),
         );
+        r.register(
+            "scale_events",
+            "Workload replicas changed by the scaler, by direction and reason (idle, load, floor)",
+            metrics.scale_events.clone(),
+        );
+        r.register(
+            "drains",
+            "Drains before a scale-down, by result (confirmed, cancelled)",
+            metrics.drains.clone(),
+        );
+        r.register(
+            "gateway_reports",
+            "Gateway replicas by the state of their activity report (fresh, stale, missing)",
+            metrics.gateway_reports.clone(),
+        );
+        for state in ["fresh", "stale", "missing"] {
+            let _ = metrics
+                .gateway_reports
+                .get_or_create(&ReportLabels { state });
+        }
         for phase in Phase::ALL {
             let _ = metrics.pools.get_or_create(&PhaseLabels {
                 phase: phase.as_str(),
@@ -157,8 +218,69 @@ impl Metrics {
             .set(secs.as_secs_f64());
     }
 
-    /// Forgets a deleted pool's certificates.
+    /// Counts a change of a pool's replicas; `reason` is `idle`, `load` or `floor`.
+    pub fn scaled(&self, pool: &str, direction: Direction, reason: &'static str) {
+        let direction = match direction {
+            Direction::Up => "up",
+            Direction::Down => "down",
+        };
+        self.scale_events
+            .get_or_create(&ScaleLabels {
+                pool: pool.to_owned(),
+                direction,
+                reason,
+            })
+            .inc();
+    }
+
+    pub fn drained(&self, pool: &str, result: DrainResult) {
+        let result = match result {
+            DrainResult::Confirmed => "confirmed",
+            DrainResult::Cancelled => "cancelled",
+        };
+        self.drains
+            .get_or_create(&DrainLabels {
+                pool: pool.to_owned(),
+                result,
+            })
+            .inc();
+    }
+
+    /// Gateway replicas whose report is in `state` (`fresh`, `stale` or `missing`).
+    pub fn set_gateway_reports(&self, state: &'static str, replicas: i64) {
+        self.gateway_reports
+            .get_or_create(&ReportLabels { state })
+            .set(replicas);
+    }
+
+    /// Scale events so far of `pool` in `direction` for `reason`.
+    pub fn scale_events(&self, pool: &str, direction: &'static str, reason: &'static str) -> u64 {
+        self.scale_events
+            .get_or_create(&ScaleLabels {
+                pool: pool.to_owned(),
+                direction,
+                reason,
+            })
+            .get()
+    }
+
+    /// Forgets a deleted pool's certificates, scale events and drains.
     pub fn forget_pool(&self, pool: &str) {
+        for direction in ["up", "down"] {
+            for reason in SCALE_REASONS {
+                self.scale_events.remove(&ScaleLabels {
+                    pool: pool.to_owned(),
+                    direction,
+                    reason,
+                });
+            }
+        }
+        for result in ["confirmed", "cancelled"] {
+            self.drains.remove(&DrainLabels {
+                pool: pool.to_owned(),
+                result,
+            });
+        }
         for certificate in super::pki::CERTIFICATES {
             let labels = CertLabels {
                 pool: pool.to_owned(),
@@ -198,6 +320,9 @@ mod tests {
             SystemTime::UNIX_EPOCH + Duration::from_secs(10),
         );
         metrics.set_leader(true);
+        metrics.scaled("ci/a", Direction::Down, "idle");
+        metrics.drained("ci/a", DrainResult::Cancelled);
+        metrics.set_gateway_reports("missing", 2);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         for line in [
@@ -209,6 +334,10 @@ mod tests {
             "bkpool_controller_pools{phase=\"Ready\"} 0",
             "bkpool_controller_certificate_expiry_timestamp_seconds{pool=\"ci/a\",certificate=\"client-ca\"} 10.0",
             "bkpool_controller_leader 1",
+            "bkpool_controller_scale_events_total{pool=\"ci/a\",direction=\"down\",reason=\"idle\"} 1",
+            "bkpool_controller_drains_total{pool=\"ci/a\",result=\"cancelled\"} 1",
+            "bkpool_controller_gateway_reports{state=\"missing\"} 2",
+            "bkpool_controller_gateway_reports{state=\"fresh\"} 0",
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }

@@ -14,6 +14,8 @@
 //! - [`service`]: the backend Service (headless for StatefulSet) and the client-facing name.
 //! - [`netpol`]: the NetworkPolicy letting only gateway pods reach buildkitd.
 //! - [`status`]: phase, conditions, replicas, endpoint; wake and sleep Events.
+//! - [`scaler`]: the leader's scaler: gateway activity in, two-phase drains and scale-downs,
+//!   scale-ups by load and warm windows out.
 //! - [`leader`]: leader election with a coordination.k8s.io/v1 Lease.
 //! - [`metrics`]: `bkpool_controller_*` metrics.
 //! - [`error`]: the operator's errors and their metric reasons.
@@ -28,6 +30,7 @@ pub mod metrics;
 pub mod netpol;
 pub mod objects;
 pub mod pki;
+pub mod scaler;
 pub mod service;
 pub mod status;
 pub mod workload;
