@@ -40,6 +40,8 @@ pub struct Input {
     pub seen: Option<Seen>,
     /// Replicas the workload asks for (Job pools: their wake Jobs).
     pub replicas: i32,
+    /// Replicas the workload still runs (pods not yet terminating; Job pools: their Jobs).
+    pub running: i32,
     /// The drain mark in effect (see [`Track::mark`]).
     pub mark: Option<String>,
 }
@@ -61,6 +63,9 @@ pub struct Track {
     pub set_mark: Option<String>,
     /// A mark this scaler cleared that the pool cache still shows.
     pub cleared_mark: Option<String>,
+    /// The drain was confirmed and the workload scaled down: the mark stays until its pods
+    /// are gone, so no gateway routes a held connection to a pod about to be deleted.
+    pub stopping: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,8 +73,16 @@ pub enum Decision {
     Nothing,
     StartDrain,
     CancelDrain(Cancel),
-    ConfirmDrain { to: i32 },
-    ScaleUp { to: i32, reason: UpReason },
+    ConfirmDrain {
+        to: i32,
+    },
+    /// The scale-down of a confirmed drain is done: clear the mark (gateways then wake the
+    /// pool for any connection they held meanwhile).
+    Stopped,
+    ScaleUp {
+        to: i32,
+        reason: UpReason,
+    },
 }
 
 /// Why a drain was cancelled.
@@ -144,6 +157,15 @@ impl Track {
 /// This round's decision for one pool; updates the timers in `track`.
 pub fn decide(policy: &Policy, input: &Input, track: &mut Track) -> Decision {
     let now = input.now_ms;
+    if track.stopping && input.mark.is_some() {
+        // Held connections wait (they show as busy, but there is nothing left to cancel).
+        return if input.replicas <= policy.floor && input.running <= policy.floor {
+            track.stopping = false;
+            Decision::Stopped
+        } else {
+            Decision::Nothing
+        };
+    }
     let Some(seen) = &input.seen else {
         track.idle_since_ms = None;
         track.acked_since_ms = None;
@@ -160,6 +182,7 @@ pub fn decide(policy: &Policy, input: &Input, track: &mut Track) -> Decision {
     if let Some(mark) = &input.mark {
         return draining(policy, input, seen, mark, track);
     }
+    track.stopping = false;
     track.acked_since_ms = None;
     match below_floor(policy, input) {
         Decision::Nothing => {}
@@ -199,6 +222,7 @@ fn draining(
         // replicas just removed cannot start one.
         track.acked_since_ms = None;
         track.idle_since_ms = None;
+        track.stopping = true;
         return Decision::ConfirmDrain { to: policy.floor };
     }
     Decision::Nothing
@@ -289,8 +313,43 @@ mod tests {
             now_ms,
             seen,
             replicas,
+            running: replicas,
             mark: mark.map(Into::into),
         }
+    }
+
+    #[test]
+    fn after_the_scale_down_the_mark_stays_until_the_pods_are_gone() {
+        let p = policy();
+        let mut track = up();
+        let m = "2024-05-06T10:00:00Z";
+        let got = rounds(&p, &mut track, T0, T0 + 5 * S, |t| {
+            input(t, Some(acked(m, 2)), 1, Some(m))
+        });
+        assert!(matches!(
+            got.first(),
+            Some((_, Decision::ConfirmDrain { to: 0 }))
+        ));
+        // Scaled to zero, the pod still terminating; a connection held meanwhile does not
+        // cancel anything: there is nothing left to cancel, it waits for the wake.
+        let stopping = Input {
+            running: 1,
+            ..input(
+                T0 + 6 * S,
+                Some(seen(0, 1, T0, &[Some(m), Some(m)])),
+                0,
+                Some(m),
+            )
+        };
+        assert_eq!(decide(&p, &stopping, &mut track), Decision::Nothing);
+        let gone = input(
+            T0 + 7 * S,
+            Some(seen(0, 1, T0, &[Some(m), Some(m)])),
+            0,
+            Some(m),
+        );
+        assert_eq!(decide(&p, &gone, &mut track), Decision::Stopped);
+        assert!(!track.stopping);
     }
 
     /// A track for a pool up since T0.

@@ -256,7 +256,7 @@ impl Scaler {
         let Some(policy) = self.policy(pool, now) else {
             return;
         };
-        let Some(replicas) = self.replicas(pool) else {
+        let Some((replicas, running)) = self.replicas(pool) else {
             return; // no workload yet: the reconciler creates it
         };
         let cached_status = pool.status.clone().unwrap_or_default();
@@ -271,6 +271,7 @@ impl Scaler {
             now_ms,
             seen: seen.clone(),
             replicas,
+            running,
             mark: mark.clone(),
         };
         let decision = decide::decide(&policy, &input, &mut track.decide);
@@ -317,11 +318,17 @@ impl Scaler {
             }
             Decision::ConfirmDrain { to } => {
                 if !self.scale_down(pool, replicas, to, &track.id).await {
+                    // Confirmed again next round.
+                    track.decide.stopping = false;
                     return;
                 }
                 self.metrics.drained(&track.id, DrainResult::Confirmed);
+                return;
+            }
+            Decision::Stopped => {
                 if self.write(pool, track, &write(None), now_ms).await {
                     self.cleared(track, mark);
+                    tracing::info!(pool = %track.id, "scale-down done: drain mark cleared");
                 }
                 return;
             }
@@ -448,22 +455,30 @@ impl Scaler {
         })
     }
 
-    /// The replicas the workload asks for (Job pools: their wake Jobs); None without one.
-    fn replicas(&self, pool: &BuildKitPool) -> Option<i32> {
+    /// The replicas the workload asks for and those it still runs (pods not terminating;
+    /// Job pools: their wake Jobs, for both); None without a workload.
+    fn replicas(&self, pool: &BuildKitPool) -> Option<(i32, i32)> {
         let names = PoolNames::of(pool);
         let (ns, name) = (names.namespace.as_str(), names.buildkitd());
         match pool.spec.workload.kind {
-            WorkloadKind::Deployment => cached(&self.stores.deployments, ns, &name)
-                .map(|d| d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1)),
-            WorkloadKind::StatefulSet => cached(&self.stores.stateful_sets, ns, &name)
-                .map(|s| s.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1)),
+            WorkloadKind::Deployment => cached(&self.stores.deployments, ns, &name).map(|d| {
+                let wanted = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+                let running = d.status.as_ref().and_then(|s| s.replicas).unwrap_or(0);
+                (wanted, running)
+            }),
+            WorkloadKind::StatefulSet => cached(&self.stores.stateful_sets, ns, &name).map(|s| {
+                let wanted = s.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+                let running = s.status.as_ref().map_or(0, |s| s.replicas);
+                (wanted, running)
+            }),
             WorkloadKind::Job => {
                 let count = (self.stores.jobs.state().iter())
                     .filter(|j| j.namespace().as_deref() == Some(ns))
                     .filter(|j| j.labels().get(POOL_LABEL) == Some(&names.pool))
                     .filter(|j| j.meta().deletion_timestamp.is_none())
                     .count();
-                Some(i32::try_from(count).unwrap_or(i32::MAX))
+                let count = i32::try_from(count).unwrap_or(i32::MAX);
+                Some((count, count))
             }
         }
     }
