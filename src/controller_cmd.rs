@@ -66,8 +66,10 @@ pub struct Args {
     #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
     activity_interval: Duration,
     /// How long every gateway replica must acknowledge a drain with no connection open or
-    /// held before the scale-down. Keep it above the gateway's backend connect timeout.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    /// held before the scale-down. Keep it above the gateway's backend connect timeout (3 s
+    /// by default): a connection routed just before the mark reached a gateway is counted
+    /// as open once its backend answers, or fails within that timeout.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
     drain_settle: Duration,
     /// Kubeconfig file (default: in-cluster, then $KUBECONFIG).
     #[arg(long)]

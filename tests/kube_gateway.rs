@@ -349,7 +349,7 @@ async fn a_held_connection_wakes_the_pool_and_an_idle_pool_drains_to_zero() {
             &ns.name,
         ])
         .args(["--listen", "127.0.0.1:0", "--identity", "e2e"])
-        .args(["--activity-interval", "300ms", "--drain-settle", "1s"])
+        .args(["--activity-interval", "300ms", "--drain-settle", "2s"])
         .arg("--kubeconfig")
         .arg(&controller_kubeconfig)
         .stdin(std::process::Stdio::null())

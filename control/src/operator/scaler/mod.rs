@@ -85,7 +85,7 @@ impl Default for Settings {
             gateway_service: "bkpool-gateway".into(),
             admin_port_name: "admin".into(),
             interval: Duration::from_secs(1),
-            drain_settle: Duration::from_secs(2),
+            drain_settle: Duration::from_secs(5),
             request_timeout: Duration::from_secs(1),
         }
     }
