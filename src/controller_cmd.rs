@@ -13,10 +13,11 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use control::operator::Settings;
-use control::operator::controller::{self, Scope};
+use control::operator::controller;
 use control::operator::leader::LeaderElection;
 use control::operator::metrics;
 use control::operator::scaler;
+use control::operator::watch::Scope;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 

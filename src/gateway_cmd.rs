@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use control::gateway::{self as kube_gateway, Metrics};
-use control::operator::controller::Scope;
+use control::operator::watch::Scope;
 use prometheus_client::registry::Registry;
 use proxy::config::GatewayConfig;
 use proxy::server::{self, Options};

@@ -20,16 +20,15 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Secret};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client, Resource};
+use kube::Client;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
 use proxy::gateway::Gateway;
 use proxy::names::PoolId;
 use proxy::route::{PoolRoute, Routes};
 use proxy::tls;
-use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -39,8 +38,8 @@ use upstream::{PoolState, PoolUpstream};
 use wake::KubeWaker;
 
 use crate::crd::BuildKitPool;
-use crate::operator::controller::Scope;
 use crate::operator::objects::GATEWAY_SECRET_SELECTOR;
+use crate::operator::watch::{self, Events, Scope, api};
 
 /// Changes arriving within this window are applied together.
 const DEBOUNCE: Duration = Duration::from_millis(20);
@@ -70,27 +69,19 @@ pub async fn run(
     if let Some(selector) = &settings.pool_selector {
         pool_config = pool_config.labels(selector);
     }
-    let (pools, pool_events) = cache::<BuildKitPool>(&client, &settings.scope, pool_config);
+    let scope = &settings.scope;
+    let (pools, pool_events) = watch::cache(api::<BuildKitPool>(&client, scope), pool_config);
     let secret_config = watcher::Config::default().labels(GATEWAY_SECRET_SELECTOR);
-    let (secrets, secret_events) = cache::<Secret>(&client, &settings.scope, secret_config);
+    let (secrets, secret_events) = watch::cache(api::<Secret>(&client, scope), secret_config);
     let pod_config = watcher::Config::default().labels(pods::SELECTOR);
-    let (pod_store, pod_events) = cache::<Pod>(&client, &settings.scope, pod_config);
+    let (pod_store, pod_events) = watch::cache(api::<Pod>(&client, scope), pod_config);
+    // A pool change can change routes and which pods count; a Secret only routes; a pod only
+    // backends.
+    let both = vec![tables.clone(), pods_changed.clone()];
     let watches = [
-        tokio::spawn(drive(
-            "pools",
-            pool_events,
-            [tables.clone(), pods_changed.clone()],
-        )),
-        tokio::spawn(drive(
-            "secrets",
-            secret_events,
-            [tables.clone(), tables.clone()],
-        )),
-        tokio::spawn(drive(
-            "pods",
-            pod_events,
-            [pods_changed.clone(), pods_changed.clone()],
-        )),
+        tokio::spawn(drive("pools", pool_events, both)),
+        tokio::spawn(drive("secrets", secret_events, vec![tables.clone()])),
+        tokio::spawn(drive("pods", pod_events, vec![pods_changed.clone()])),
     ];
     let synced = async {
         let _ = pools.wait_until_ready().await;
@@ -274,38 +265,9 @@ impl Feed {
     }
 }
 
-type Events<K> = futures::stream::BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>;
-
-/// A watch cache of `K` and the event stream that feeds it (driven by [`drive`]).
-fn cache<K>(client: &Client, scope: &Scope, config: watcher::Config) -> (Store<K>, Events<K>)
-where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + std::fmt::Debug
-        + DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-{
-    let api: Api<K> = match scope {
-        Scope::All => Api::all(client.clone()),
-        Scope::Namespace(ns) => Api::namespaced(client.clone(), ns),
-    };
-    let (store, writer) = reflector::store();
-    let events = reflector::reflector(writer, watcher(api, config))
-        .default_backoff()
-        .boxed();
-    (store, events)
-}
-
 /// Runs a watch, waking `notify` on every event. Errors are retried with backoff by the
 /// stream itself; they are only logged here.
-async fn drive<K>(
-    what: &'static str,
-    events: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
-    notify: [Arc<Notify>; 2],
-) {
-    futures::pin_mut!(events);
+async fn drive<K>(what: &'static str, mut events: Events<K>, notify: Vec<Arc<Notify>>) {
     while let Some(event) = events.next().await {
         match event {
             Ok(_) => notify.iter().for_each(|n| n.notify_one()),

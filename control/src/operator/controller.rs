@@ -14,29 +14,22 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Endpoints, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::runtime::controller::{Action, Config};
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
-use kube::{Api, Client, Resource, ResourceExt};
-use serde::de::DeserializeOwned;
+use kube::{Client, Resource, ResourceExt};
 
 use super::context::{Context, Settings, Stores};
 use super::error::Error;
 use super::metrics::Metrics;
 use super::objects::{MANAGED_SELECTOR, POOL_LABEL};
 use super::status::Observed;
+use super::watch::{self, Scope, Watched};
 use super::{buildkitd, netpol, pki, service, status, workload};
 use crate::crd::{BuildKitPool, validate};
 
 /// Pools are reconciled at least this often even when nothing changes (a missed watch event
 /// costs at most this long; an unchanged pool costs no write).
 const RESYNC: Duration = Duration::from_secs(300);
-
-/// Which namespaces the operator serves.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Scope {
-    All,
-    Namespace(String),
-}
 
 /// Runs the operator until `shutdown` completes (or the watches end).
 pub async fn run(
@@ -46,16 +39,11 @@ pub async fn run(
     metrics: Metrics,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let (pools, pools_writer) = reflector::store();
-    let pool_stream = reflector::reflector(
-        pools_writer,
-        watcher(
-            api::<BuildKitPool>(&client, &scope),
-            watcher::Config::default(),
-        ),
-    )
-    .default_backoff()
-    .touched_objects();
+    let (pools, pool_events) = watch::cache(
+        watch::api::<BuildKitPool>(&client, &scope),
+        watcher::Config::default(),
+    );
+    let pool_stream = pool_events.touched_objects();
     let (secrets, secret_stream) = owned::<Secret>(&client, &scope);
     let (config_maps, cm_stream) = owned::<ConfigMap>(&client, &scope);
     let (deployments, deploy_stream) = owned::<Deployment>(&client, &scope);
@@ -233,36 +221,16 @@ async fn timed<T>(
     result
 }
 
-fn api<K>(client: &Client, scope: &Scope) -> Api<K>
-where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
-{
-    match scope {
-        Scope::All => Api::all(client.clone()),
-        Scope::Namespace(ns) => Api::namespaced(client.clone(), ns),
-    }
-}
-
 type Touched<K> = futures::stream::BoxStream<'static, Result<K, watcher::Error>>;
 
 /// A watch cache of bkpool's objects of kind `K`, and the stream that feeds it.
 fn owned<K>(client: &Client, scope: &Scope) -> (Store<K>, Touched<K>)
 where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + std::fmt::Debug
-        + DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
+    K: Watched + Resource<Scope = k8s_openapi::NamespaceResourceScope>,
 {
-    let (store, writer) = reflector::store();
     let config = watcher::Config::default().labels(MANAGED_SELECTOR);
-    let stream = reflector::reflector(writer, watcher(api::<K>(client, scope), config))
-        .default_backoff()
-        .touched_objects()
-        .boxed();
-    (store, stream)
+    let (store, events) = watch::cache(watch::api::<K>(client, scope), config);
+    (store, events.touched_objects().boxed())
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@
 //! - [`status`]: phase, conditions, replicas, endpoint; wake and sleep Events.
 //! - [`scaler`]: the leader's scaler: gateway activity in, two-phase drains and scale-downs,
 //!   scale-ups by load and warm windows out.
+//! - [`watch`]: watch caches and the namespaces a loop serves, shared by every loop.
 //! - [`leader`]: leader election with a coordination.k8s.io/v1 Lease.
 //! - [`metrics`]: `bkpool_controller_*` metrics.
 //! - [`error`]: the operator's errors and their metric reasons.
@@ -33,6 +34,7 @@ pub mod pki;
 pub mod scaler;
 pub mod service;
 pub mod status;
+pub mod watch;
 pub mod workload;
 
 pub use context::{Context, Settings};

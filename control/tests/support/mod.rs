@@ -12,8 +12,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use control::crd::BuildKitPool;
 use control::operator::Settings;
-use control::operator::controller::{self, Scope};
+use control::operator::controller;
 use control::operator::metrics::Metrics;
+use control::operator::watch::Scope;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};

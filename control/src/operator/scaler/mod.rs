@@ -43,10 +43,9 @@ use k8s_openapi::api::core::v1::Endpoints;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
-use serde::de::DeserializeOwned;
 use serde_json::json;
 use tokio::task::JoinSet;
 
@@ -54,10 +53,11 @@ use self::decide::{Decision, Input, Policy, Track};
 use self::reports::{Poller, Reports, Seen};
 use self::status::ScalerStatus;
 use super::context::cached;
-use super::controller::{Scope, pool_id};
+use super::controller::pool_id;
 use super::error::kube_reason;
 use super::metrics::{Direction, DrainResult, Metrics};
 use super::objects::{MANAGED_SELECTOR, POOL_LABEL, PoolNames};
+use super::watch::{self, Scope, Watched, api};
 use crate::crd::{BuildKitPool, WorkloadKind, duration, validate};
 
 /// Where the gateways are and how the scaler paces itself.
@@ -107,13 +107,16 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) {
     let mut watches = JoinSet::new();
-    let pools = watch::<BuildKitPool>(&mut watches, api(&client, &scope), None);
-    let managed = Some(MANAGED_SELECTOR);
-    let deployments = watch::<Deployment>(&mut watches, api(&client, &scope), managed);
-    let stateful_sets = watch::<StatefulSet>(&mut watches, api(&client, &scope), managed);
-    let jobs = watch::<Job>(&mut watches, api(&client, &scope), managed);
+    let all = watcher::Config::default();
+    let managed = watcher::Config::default().labels(MANAGED_SELECTOR);
+    let pools = feed::<BuildKitPool>(&mut watches, api(&client, &scope), all);
+    let deployments = feed::<Deployment>(&mut watches, api(&client, &scope), managed.clone());
+    let stateful_sets = feed::<StatefulSet>(&mut watches, api(&client, &scope), managed.clone());
+    let jobs = feed::<Job>(&mut watches, api(&client, &scope), managed);
     let gateway_api = Api::namespaced(client.clone(), &settings.gateway_namespace);
-    let endpoints = watch_named::<Endpoints>(&mut watches, gateway_api, &settings.gateway_service);
+    let gateway = format!("metadata.name={}", settings.gateway_service);
+    let the_gateway = watcher::Config::default().fields(&gateway);
+    let endpoints = feed::<Endpoints>(&mut watches, gateway_api, the_gateway);
     let stores = Stores {
         pools,
         deployments,
@@ -501,62 +504,10 @@ fn unix_ms(t: Timestamp) -> u64 {
     u64::try_from(t.as_millisecond()).unwrap_or(0)
 }
 
-fn api<K>(client: &Client, scope: &Scope) -> Api<K>
-where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
-{
-    match scope {
-        Scope::All => Api::all(client.clone()),
-        Scope::Namespace(ns) => Api::namespaced(client.clone(), ns),
-    }
-}
-
-/// A watch cache of `K` (selected by `labels`), fed by a task in `tasks`.
-fn watch<K>(tasks: &mut JoinSet<()>, api: Api<K>, labels: Option<&str>) -> Store<K>
-where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-{
-    let mut config = watcher::Config::default();
-    if let Some(labels) = labels {
-        config = config.labels(labels);
-    }
-    feed(tasks, api, config)
-}
-
-/// A watch cache of the one object `name`.
-fn watch_named<K>(tasks: &mut JoinSet<()>, api: Api<K>, name: &str) -> Store<K>
-where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-{
-    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-    feed(tasks, api, config)
-}
-
-fn feed<K>(tasks: &mut JoinSet<()>, api: Api<K>, config: watcher::Config) -> Store<K>
-where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-{
-    let (store, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, config)).default_backoff();
-    tasks.spawn(stream.for_each(|event| {
+/// A watch cache of what `api` and `config` select, fed by a task in `tasks`.
+fn feed<K: Watched>(tasks: &mut JoinSet<()>, api: Api<K>, config: watcher::Config) -> Store<K> {
+    let (store, events) = watch::cache(api, config);
+    tasks.spawn(events.for_each(|event| {
         if let Err(error) = event {
             tracing::debug!(%error, kind = %K::kind(&()), "scaler watch error");
         }
