@@ -95,16 +95,28 @@ impl Context {
         action: &str,
         note: String,
     ) {
-        let event = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: action.into(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&event, &pool.object_ref(&())).await {
-            tracing::warn!(error = %e, reason, "cannot publish event");
-        }
+        publish(&self.recorder, pool, type_, reason, action, note).await;
+    }
+}
+
+/// Publishes an Event on `pool` through `recorder`; a failure is logged, never fatal.
+pub async fn publish(
+    recorder: &Recorder,
+    pool: &BuildKitPool,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: action.into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&event, &pool.object_ref(&())).await {
+        tracing::warn!(error = %e, reason, "cannot publish event");
     }
 }
 

@@ -42,7 +42,7 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Endpoints;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
@@ -52,7 +52,7 @@ use tokio::task::JoinSet;
 use self::decide::{Decision, Input, Policy, Track};
 use self::reports::{Poller, Reports, Seen};
 use self::status::ScalerStatus;
-use super::context::cached;
+use super::context::{cached, publish};
 use super::controller::pool_id;
 use super::error::kube_reason;
 use super::metrics::{Direction, DrainResult, Metrics};
@@ -487,16 +487,15 @@ impl Scaler {
     }
 
     async fn event(&self, pool: &BuildKitPool, reason: &str, action: &str, note: String) {
-        let event = Event {
-            type_: EventType::Normal,
-            reason: reason.into(),
-            note: Some(note),
-            action: action.into(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&event, &pool.object_ref(&())).await {
-            tracing::warn!(error = %e, reason, "cannot publish event");
-        }
+        publish(
+            &self.recorder,
+            pool,
+            EventType::Normal,
+            reason,
+            action,
+            note,
+        )
+        .await;
     }
 }
 
