@@ -196,25 +196,8 @@ fn passthrough_names(
 impl ParsedSecrets {
     fn server_material(&mut self, secret: &Secret) -> Result<ServerMaterial, String> {
         let key = secret_key(secret);
-        let version = secret.resource_version().unwrap_or_default();
-        let fresh = self.server.get(&key).is_some_and(|(v, _)| *v == version);
-        if !fresh {
-            let last_good = self.server.get(&key).and_then(|(_, m)| m.clone());
-            let parsed = parse_server(secret, &key);
-            let material = match parsed {
-                Ok(m) => Some(m),
-                Err(e) => {
-                    self.failures += 1;
-                    tracing::warn!(secret = %key, error = %e, "certificate Secret refused; keeping the last good material");
-                    last_good
-                }
-            };
-            self.server.insert(key.clone(), (version, material));
-        }
-        let (_, material) = &self.server[&key];
-        material
-            .clone()
-            .ok_or_else(|| format!("Secret {key} holds no usable certificate"))
+        let parse = || parse_server(secret, &key);
+        once_per_version(&mut self.server, &mut self.failures, secret, &key, parse)
     }
 
     fn backend_material(
@@ -223,25 +206,36 @@ impl ParsedSecrets {
         server_name: &str,
     ) -> Result<BackendTlsClient, String> {
         let key = secret_key(secret);
-        let version = secret.resource_version().unwrap_or_default();
-        let fresh = self.backend.get(&key).is_some_and(|(v, _)| *v == version);
-        if !fresh {
-            let last_good = self.backend.get(&key).and_then(|(_, m)| m.clone());
-            let material = match parse_backend(secret, &key, server_name) {
-                Ok(m) => Some(m),
-                Err(e) => {
-                    self.failures += 1;
-                    tracing::warn!(secret = %key, error = %e, "certificate Secret refused; keeping the last good material");
-                    last_good
-                }
-            };
-            self.backend.insert(key.clone(), (version, material));
-        }
-        let (_, material) = &self.backend[&key];
-        material
-            .clone()
-            .ok_or_else(|| format!("Secret {key} holds no usable certificate"))
+        let parse = || parse_backend(secret, &key, server_name);
+        once_per_version(&mut self.backend, &mut self.failures, secret, &key, parse)
     }
+}
+
+/// The material of `secret` from `cache`, parsed only when its resourceVersion is new; a
+/// version that does not parse keeps the last good material and counts a failure.
+fn once_per_version<T: Clone>(
+    cache: &mut HashMap<String, (String, Option<T>)>,
+    failures: &mut usize,
+    secret: &Secret,
+    key: &str,
+    parse: impl FnOnce() -> Result<T, String>,
+) -> Result<T, String> {
+    let version = secret.resource_version().unwrap_or_default();
+    let fresh = cache.get(key).is_some_and(|(seen, _)| *seen == version);
+    let (seen, material) = cache.entry(key.to_owned()).or_insert((String::new(), None));
+    if !fresh {
+        match parse() {
+            Ok(parsed) => *material = Some(parsed),
+            Err(e) => {
+                *failures += 1;
+                tracing::warn!(secret = %key, error = %e, "certificate Secret refused; keeping the last good material");
+            }
+        }
+        *seen = version;
+    }
+    material
+        .clone()
+        .ok_or_else(|| format!("Secret {key} holds no usable certificate"))
 }
 
 fn secret_key(secret: &Secret) -> String {

@@ -16,7 +16,7 @@ use proxy::activity::{HeldGuard, PoolActivity};
 use proxy::names::{BackendAddr, PoolId};
 use proxy::route::{BoxFuture, Candidate, RouteError, Upstream};
 use tokio::sync::watch;
-use tokio::time::{Instant, timeout_at};
+use tokio::time::{Instant, timeout, timeout_at};
 
 use super::metrics::Metrics;
 
@@ -212,21 +212,16 @@ impl PoolState {
                         pool.metrics.wake_failed(&pool.id);
                     }
                 }
-                let deadline = Instant::now() + WAKE_RETRY;
-                let ready = loop {
-                    let view = pool.view();
-                    if !view.ready.is_empty() || view.draining.is_some() || pool.held() == 0 {
-                        break !view.ready.is_empty();
-                    }
-                    if timeout_at(deadline, changes.changed()).await.is_err() {
-                        break false;
-                    }
-                };
+                // Until a backend is ready or the pool drains, asking again every
+                // WAKE_RETRY for as long as connections are held.
+                let settled = |view: &View| !view.ready.is_empty() || view.draining.is_some();
+                let _ = timeout(WAKE_RETRY, changes.wait_for(settled)).await;
                 let view = pool.view();
-                if ready || view.draining.is_some() || pool.held() == 0 {
-                    if ready {
-                        pool.metrics.woke(&pool.id, began.elapsed());
-                    }
+                if !view.ready.is_empty() {
+                    pool.metrics.woke(&pool.id, began.elapsed());
+                    break;
+                }
+                if view.draining.is_some() || pool.held() == 0 {
                     break;
                 }
             }
