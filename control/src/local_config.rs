@@ -26,10 +26,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use proxy::config::{
-    CertFiles, ConfigErrors, DEFAULT_ADMIN, DEFAULT_LISTEN, Fault, GatewayConfig, Limits, Mode,
-    PoolConfig, RawPoolLimits, RawPoolTimeouts, RawTimeouts, Timeouts, value,
+    CertFiles, ConfigErrors, Faults, GatewayConfig, Limits, Mode, PoolConfig, RawPoolLimits,
+    RawPoolTimeouts, RawTimeouts, Timeouts, from_toml, read_file,
 };
-use proxy::names::{DEFAULT_NAMESPACE, PoolId};
+use proxy::names::PoolId;
 use serde::Deserialize;
 
 use crate::scale::policy::{DEFAULT_MAX_HELD_TOTAL, Policy, Settings};
@@ -91,39 +91,16 @@ impl LocalConfig {
 
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigErrors(vec![Fault {
-                path: path.display().to_string(),
-                message: e.to_string(),
-            }])
-        })?;
+        let text = read_file(path)?;
         Self::parse(&text, path.parent().unwrap_or(Path::new(".")))
     }
 
     /// Parses and validates TOML text. `_base` is where relative paths would resolve.
     pub fn parse(text: &str, _base: &Path) -> Result<Self, ConfigErrors> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let at = e
-                .span()
-                .map(|s| {
-                    format!(
-                        "line {}",
-                        text[..s.start.min(text.len())].matches('\n').count() + 1
-                    )
-                })
-                .unwrap_or_else(|| "(toml)".into());
-            ConfigErrors(vec![Fault {
-                path: at,
-                message: e.message().to_string(),
-            }])
-        })?;
+        let raw: RawConfig = from_toml(text)?;
         let mut v = Validator::default();
         let config = v.config(raw);
-        if v.faults.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigErrors(v.faults))
-        }
+        v.faults.into_result(config)
     }
 
     /// Every pool runs the stand-in instead of its command.
@@ -257,53 +234,28 @@ struct RawReplica {
 
 #[derive(Default)]
 struct Validator {
-    faults: Vec<Fault>,
+    faults: Faults,
 }
 
 impl Validator {
-    fn fault(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.faults.push(Fault {
-            path: path.into(),
-            message: message.into(),
-        });
-    }
-
     fn config(&mut self, raw: RawConfig) -> LocalConfig {
-        let listen = self.addr("listen", raw.listen.as_deref().unwrap_or(DEFAULT_LISTEN));
-        let admin = self.addr("admin", raw.admin.as_deref().unwrap_or(DEFAULT_ADMIN));
-        if listen == admin && listen.port() != 0 {
-            self.fault("admin", format!("same address as listen ({listen})"));
-        }
-        let defaults = Limits::default();
-        let limits = Limits {
-            max_connections: self
-                .count("limits.max_connections", raw.limits.max_connections)
-                .unwrap_or(defaults.max_connections),
-            max_handshakes: self
-                .count("limits.max_handshakes", raw.limits.max_handshakes)
-                .unwrap_or(defaults.max_handshakes),
-        };
-        let max_held = self
+        let f = &mut self.faults;
+        let (listen, admin) = f.listeners(raw.listen.as_deref(), raw.admin.as_deref());
+        let limits = f.limits(raw.limits.max_connections, raw.limits.max_handshakes);
+        let max_held = f
             .count("limits.max_held", raw.limits.max_held)
             .unwrap_or(DEFAULT_MAX_HELD_TOTAL);
-        let d = Timeouts::default();
-        let t = &raw.timeouts;
-        let timeouts = Timeouts {
-            handshake: self.duration("timeouts.handshake", t.handshake.as_deref(), d.handshake),
-            connect: self.duration("timeouts.connect", t.connect.as_deref(), d.connect),
-            idle: self.duration("timeouts.idle", t.idle.as_deref(), d.idle),
-            drain: self.duration("timeouts.drain", t.drain.as_deref(), d.drain),
-        };
+        let timeouts = f.timeouts(&raw.timeouts);
         let d = Settings::default();
         let r = &raw.scaling;
         let scaler = Settings {
-            tick: self.duration("scaling.tick", r.tick.as_deref(), d.tick),
-            drain_settle: self.duration(
+            tick: f.duration("scaling.tick", r.tick.as_deref(), d.tick),
+            drain_settle: f.duration(
                 "scaling.drain_settle",
                 r.drain_settle.as_deref(),
                 d.drain_settle,
             ),
-            probe_interval: self.duration(
+            probe_interval: f.duration(
                 "scaling.probe_interval",
                 r.probe_interval.as_deref(),
                 d.probe_interval,
@@ -315,7 +267,7 @@ impl Validator {
             Some(text) => self.ports(text),
         };
         if raw.pool.is_empty() {
-            self.fault("pool", "define at least one [[pool]]");
+            self.faults.add("pool", "define at least one [[pool]]");
         }
         let pools: Vec<LocalPool> = raw
             .pool
@@ -325,7 +277,7 @@ impl Validator {
             .collect();
         for (i, pool) in pools.iter().enumerate() {
             if pools[..i].iter().any(|p| p.id == pool.id) {
-                self.fault(
+                self.faults.add(
                     format!("pool[{i}].name"),
                     format!("pool {} is defined twice", pool.id),
                 );
@@ -343,50 +295,45 @@ impl Validator {
     }
 
     fn pool(&mut self, i: usize, raw: RawPool, limits: &Limits, timeouts: &Timeouts) -> LocalPool {
-        let at = |field: &str| format!("pool[{i}].{field}");
-        let namespace = raw.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE);
-        let id = PoolId::new(namespace, &raw.name).unwrap_or_else(|e| {
-            self.fault(at("name"), e.to_string());
-            PoolId::new(DEFAULT_NAMESPACE, "invalid").expect("valid placeholder")
-        });
+        let pool_at = format!("pool[{i}]");
+        let at = |field: &str| format!("{pool_at}.{field}");
+        let id = self
+            .faults
+            .pool_id(&pool_at, raw.namespace.as_deref(), &raw.name);
         if raw.mode == Some(Mode::Passthrough) {
-            self.fault(
+            self.faults.add(
                 at("mode"),
                 "local pools terminate TLS at the gateway; passthrough is not available locally",
             );
         }
-        let max_connections = self.count(&at("limits.max_connections"), raw.limits.max_connections);
+        let max_connections = self
+            .faults
+            .count(&at("limits.max_connections"), raw.limits.max_connections);
         if let Some(m) = max_connections
             && m > limits.max_connections
         {
-            self.fault(
+            self.faults.add(
                 at("limits.max_connections"),
                 format!("{m} exceeds the global limit {}", limits.max_connections),
             );
         }
-        let per_identity = self.count(
+        let per_identity = self.faults.count(
             &at("limits.max_connections_per_identity"),
             raw.limits.max_connections_per_identity,
         );
         let scaling = self.scaling(&at("scaling"), &raw.scaling);
         let replica = self.replica(&at("replica"), raw.replica);
+        let (connect_timeout, idle_timeout) =
+            self.faults.pool_timeouts(&pool_at, &raw.timeouts, timeouts);
         LocalPool {
             id,
             max_connections,
             max_connections_per_identity: per_identity,
-            connect_timeout: self.duration(
-                &at("timeouts.connect"),
-                raw.timeouts.connect.as_deref(),
-                timeouts.connect,
-            ),
-            idle_timeout: self.duration(
-                &at("timeouts.idle"),
-                raw.timeouts.idle.as_deref(),
-                timeouts.idle,
-            ),
+            connect_timeout,
+            idle_timeout,
             scaling,
             replica,
-            max_cert_ttl: self.duration(
+            max_cert_ttl: self.faults.duration(
                 &at("max_cert_ttl"),
                 raw.max_cert_ttl.as_deref(),
                 DEFAULT_MAX_CERT_TTL,
@@ -401,7 +348,7 @@ impl Validator {
             None => d.min_replicas,
             Some(n) if (0..=1_000).contains(&n) => n as usize,
             Some(n) => {
-                self.fault(
+                self.faults.add(
                     path("min_replicas"),
                     format!("{n} is out of range (0 to 1000)"),
                 );
@@ -412,7 +359,7 @@ impl Validator {
             None => d.max_replicas,
             Some(n) if (1..=1_000).contains(&n) => n as usize,
             Some(n) => {
-                self.fault(
+                self.faults.add(
                     path("max_replicas"),
                     format!("{n} is out of range (1 to 1000)"),
                 );
@@ -420,13 +367,14 @@ impl Validator {
             }
         };
         if min_replicas > max_replicas {
-            self.fault(
+            self.faults.add(
                 path("min_replicas"),
                 format!("{min_replicas} exceeds max_replicas ({max_replicas})"),
             );
         }
         let min_up = match raw.min_up_after_wake.as_deref() {
             Some(text) => self
+                .faults
                 .any_duration(&path("min_up_after_wake"), text)
                 .unwrap_or(d.min_up_after_wake),
             None => d.min_up_after_wake,
@@ -434,17 +382,23 @@ impl Validator {
         Policy {
             min_replicas,
             max_replicas,
-            idle_after: self.duration(&path("idle_after"), raw.idle_after.as_deref(), d.idle_after),
+            idle_after: self.faults.duration(
+                &path("idle_after"),
+                raw.idle_after.as_deref(),
+                d.idle_after,
+            ),
             min_up_after_wake: min_up,
-            wake_timeout: self.duration(
+            wake_timeout: self.faults.duration(
                 &path("wake_timeout"),
                 raw.wake_timeout.as_deref(),
                 d.wake_timeout,
             ),
             max_held: self
+                .faults
                 .count(&path("max_held"), raw.max_held)
                 .unwrap_or(d.max_held),
             target_connections_per_replica: self
+                .faults
                 .count(
                     &path("target_connections_per_replica"),
                     raw.target_connections_per_replica,
@@ -454,7 +408,7 @@ impl Validator {
     }
 
     fn replica(&mut self, at: &str, raw: RawReplica) -> ReplicaCommand {
-        let stop_grace = self.duration(
+        let stop_grace = self.faults.duration(
             &format!("{at}.stop_grace"),
             raw.stop_grace.as_deref(),
             DEFAULT_STOP_GRACE,
@@ -462,7 +416,7 @@ impl Validator {
         let env: Vec<(String, String)> = raw.env.into_iter().collect();
         match (raw.command, raw.standin) {
             (Some(_), true) => {
-                self.fault(
+                self.faults.add(
                     format!("{at}.standin"),
                     "set either command or standin, not both",
                 );
@@ -470,7 +424,7 @@ impl Validator {
             }
             (None, true) => ReplicaCommand::Standin { stop_grace },
             (Some(command), false) if command.first().is_none_or(|p| p.is_empty()) => {
-                self.fault(format!("{at}.command"), "names no program");
+                self.faults.add(format!("{at}.command"), "names no program");
                 ReplicaCommand::Standin { stop_grace }
             }
             (command, false) => {
@@ -495,41 +449,13 @@ impl Validator {
         match parsed {
             Some((a, b)) if a >= 1024 && a <= b => a..=b,
             _ => {
-                self.fault(
+                self.faults.add(
                     "ports",
                     format!("{text:?} is not a port range like \"20000-20999\" (from 1024 up)"),
                 );
                 DEFAULT_PORTS
             }
         }
-    }
-
-    fn addr(&mut self, path: &str, text: &str) -> SocketAddr {
-        value::addr(text).unwrap_or_else(|message| {
-            self.fault(path, message);
-            SocketAddr::from(([127, 0, 0, 1], 0))
-        })
-    }
-
-    fn count(&mut self, path: &str, n: Option<i64>) -> Option<usize> {
-        value::count(n?)
-            .map_err(|message| self.fault(path, message))
-            .ok()
-    }
-
-    /// A duration longer than zero.
-    fn duration(&mut self, path: &str, text: Option<&str>, default: Duration) -> Duration {
-        let Some(text) = text else { return default };
-        value::duration(text).unwrap_or_else(|message| {
-            self.fault(path, message);
-            default
-        })
-    }
-
-    fn any_duration(&mut self, path: &str, text: &str) -> Option<Duration> {
-        value::any_duration(text)
-            .map_err(|message| self.fault(path, message))
-            .ok()
     }
 }
 

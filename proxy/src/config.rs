@@ -116,39 +116,20 @@ impl std::error::Error for ConfigErrors {}
 impl GatewayConfig {
     /// Reads and validates a configuration file; relative paths are taken from its directory.
     pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigErrors(vec![Fault {
-                path: path.display().to_string(),
-                message: e.to_string(),
-            }])
-        })?;
+        let text = read_file(path)?;
         let base = path.parent().unwrap_or(Path::new("."));
         Self::parse(&text, base)
     }
 
     /// Parses and validates TOML text; relative paths are resolved against `base`.
     pub fn parse(text: &str, base: &Path) -> Result<Self, ConfigErrors> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let message = e.message().to_string();
-            let at = e
-                .span()
-                .map(|s| line_of(text, s.start))
-                .map_or(String::new(), |l| format!("line {l}"));
-            ConfigErrors(vec![Fault {
-                path: if at.is_empty() { "(toml)".into() } else { at },
-                message,
-            }])
-        })?;
+        let raw: RawConfig = from_toml(text)?;
         let mut v = Validator {
-            faults: Vec::new(),
+            faults: Faults::default(),
             base,
         };
         let config = v.config(raw);
-        if v.faults.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigErrors(v.faults))
-        }
+        v.faults.into_result(config)
     }
 
     pub fn pool(&self, id: &PoolId) -> Option<&PoolConfig> {
@@ -176,8 +157,146 @@ impl Default for Timeouts {
     }
 }
 
-fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].matches('\n').count() + 1
+/// Reads a configuration file; a failure is reported against its path.
+pub fn read_file(path: &Path) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![Fault {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        }])
+    })
+}
+
+/// Parses TOML into its raw shape; a syntax error is reported at its line.
+pub fn from_toml<R: serde::de::DeserializeOwned>(text: &str) -> Result<R, ConfigErrors> {
+    toml::from_str(text).map_err(|e| {
+        let path = e.span().map_or_else(
+            || "(toml)".to_owned(),
+            |s| {
+                let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
+                format!("line {line}")
+            },
+        );
+        ConfigErrors(vec![Fault {
+            path,
+            message: e.message().to_string(),
+        }])
+    })
+}
+
+/// The faults found while turning a raw configuration into a typed one, each with its field
+/// path, and the conversions every bkpool configuration shares (the gateway's and local
+/// mode's): each reports the same thing the same way and falls back to a placeholder, so one
+/// pass collects every fault.
+#[derive(Debug, Default)]
+pub struct Faults(Vec<Fault>);
+
+impl Faults {
+    pub fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Fault {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    /// `value` if nothing was found wrong, else every fault.
+    pub fn into_result<T>(self, value: T) -> Result<T, ConfigErrors> {
+        if self.0.is_empty() {
+            Ok(value)
+        } else {
+            Err(ConfigErrors(self.0))
+        }
+    }
+
+    pub fn addr(&mut self, path: &str, text: &str) -> SocketAddr {
+        value::addr(text).unwrap_or_else(|message| {
+            self.add(path, message);
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        })
+    }
+
+    /// The listen and admin addresses, which may not be the same.
+    pub fn listeners(
+        &mut self,
+        listen: Option<&str>,
+        admin: Option<&str>,
+    ) -> (SocketAddr, SocketAddr) {
+        let listen = self.addr("listen", listen.unwrap_or(DEFAULT_LISTEN));
+        let admin = self.addr("admin", admin.unwrap_or(DEFAULT_ADMIN));
+        if listen == admin && listen.port() != 0 {
+            self.add("admin", format!("same address as listen ({listen})"));
+        }
+        (listen, admin)
+    }
+
+    pub fn count(&mut self, path: &str, n: Option<i64>) -> Option<usize> {
+        value::count(n?)
+            .map_err(|message| self.add(path, message))
+            .ok()
+    }
+
+    /// `[limits]`: global connection and handshake caps.
+    pub fn limits(&mut self, max_connections: Option<i64>, max_handshakes: Option<i64>) -> Limits {
+        let d = Limits::default();
+        Limits {
+            max_connections: self
+                .count("limits.max_connections", max_connections)
+                .unwrap_or(d.max_connections),
+            max_handshakes: self
+                .count("limits.max_handshakes", max_handshakes)
+                .unwrap_or(d.max_handshakes),
+        }
+    }
+
+    /// A duration longer than zero; `default` when not given.
+    pub fn duration(&mut self, path: &str, text: Option<&str>, default: Duration) -> Duration {
+        let Some(text) = text else { return default };
+        value::duration(text).unwrap_or_else(|message| {
+            self.add(path, message);
+            default
+        })
+    }
+
+    /// A duration, possibly zero.
+    pub fn any_duration(&mut self, path: &str, text: &str) -> Option<Duration> {
+        value::any_duration(text)
+            .map_err(|message| self.add(path, message))
+            .ok()
+    }
+
+    /// `[timeouts]`.
+    pub fn timeouts(&mut self, raw: &RawTimeouts) -> Timeouts {
+        let d = Timeouts::default();
+        Timeouts {
+            handshake: self.duration("timeouts.handshake", raw.handshake.as_deref(), d.handshake),
+            connect: self.duration("timeouts.connect", raw.connect.as_deref(), d.connect),
+            idle: self.duration("timeouts.idle", raw.idle.as_deref(), d.idle),
+            drain: self.duration("timeouts.drain", raw.drain.as_deref(), d.drain),
+        }
+    }
+
+    /// A pool's id from its `namespace` (default `local`) and `name`, at `<at>.name`.
+    pub fn pool_id(&mut self, at: &str, namespace: Option<&str>, name: &str) -> PoolId {
+        PoolId::new(namespace.unwrap_or(DEFAULT_NAMESPACE), name).unwrap_or_else(|e| {
+            self.add(format!("{at}.name"), e.to_string());
+            PoolId::new(DEFAULT_NAMESPACE, "invalid").expect("valid placeholder")
+        })
+    }
+
+    /// A pool's `[pool.timeouts]` (connect, idle), each defaulting to the global one.
+    pub fn pool_timeouts(
+        &mut self,
+        at: &str,
+        raw: &RawPoolTimeouts,
+        global: &Timeouts,
+    ) -> (Duration, Duration) {
+        let connect_at = format!("{at}.timeouts.connect");
+        let idle_at = format!("{at}.timeouts.idle");
+        (
+            self.duration(&connect_at, raw.connect.as_deref(), global.connect),
+            self.duration(&idle_at, raw.idle.as_deref(), global.idle),
+        )
+    }
 }
 
 // ---- the raw shape, as written ----
@@ -267,51 +386,16 @@ struct RawBackendTls {
 // ---- raw → typed, collecting faults ----
 
 struct Validator<'a> {
-    faults: Vec<Fault>,
+    faults: Faults,
     base: &'a Path,
 }
 
 impl Validator<'_> {
-    fn fault(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.faults.push(Fault {
-            path: path.into(),
-            message: message.into(),
-        });
-    }
-
     fn config(&mut self, raw: RawConfig) -> GatewayConfig {
-        let listen = self.addr("listen", raw.listen.as_deref().unwrap_or(DEFAULT_LISTEN));
-        let admin = self.addr("admin", raw.admin.as_deref().unwrap_or(DEFAULT_ADMIN));
-        if listen == admin && listen.port() != 0 {
-            self.fault("admin", format!("same address as listen ({listen})"));
-        }
-        let limits = Limits {
-            max_connections: self.count(
-                "limits.max_connections",
-                raw.limits.max_connections,
-                DEFAULT_MAX_CONNECTIONS,
-            ),
-            max_handshakes: self.count(
-                "limits.max_handshakes",
-                raw.limits.max_handshakes,
-                DEFAULT_MAX_HANDSHAKES,
-            ),
-        };
-        let t = &raw.timeouts;
-        let timeouts = Timeouts {
-            handshake: self.duration(
-                "timeouts.handshake",
-                t.handshake.as_deref(),
-                DEFAULT_HANDSHAKE_TIMEOUT,
-            ),
-            connect: self.duration(
-                "timeouts.connect",
-                t.connect.as_deref(),
-                DEFAULT_CONNECT_TIMEOUT,
-            ),
-            idle: self.duration("timeouts.idle", t.idle.as_deref(), DEFAULT_IDLE_TIMEOUT),
-            drain: self.duration("timeouts.drain", t.drain.as_deref(), DEFAULT_DRAIN_TIMEOUT),
-        };
+        let f = &mut self.faults;
+        let (listen, admin) = f.listeners(raw.listen.as_deref(), raw.admin.as_deref());
+        let limits = f.limits(raw.limits.max_connections, raw.limits.max_handshakes);
+        let timeouts = f.timeouts(&raw.timeouts);
         let server_certs = raw
             .server_cert
             .iter()
@@ -340,20 +424,21 @@ impl Validator<'_> {
     }
 
     fn pool(&mut self, i: usize, raw: RawPool, limits: &Limits, timeouts: &Timeouts) -> PoolConfig {
-        let at = |field: &str| format!("pool[{i}].{field}");
-        let namespace = raw.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE);
-        let id = PoolId::new(namespace, &raw.name).unwrap_or_else(|e| {
-            self.fault(at("name"), e.to_string());
-            PoolId::new(DEFAULT_NAMESPACE, "invalid").expect("valid placeholder")
-        });
+        let pool_at = format!("pool[{i}]");
+        let at = |field: &str| format!("{pool_at}.{field}");
+        let id = self
+            .faults
+            .pool_id(&pool_at, raw.namespace.as_deref(), &raw.name);
         let mode = raw.mode.unwrap_or(Mode::Terminate);
         let client_ca = raw
             .client_ca
             .as_deref()
             .map(|p| self.file(&at("client_ca"), p));
         match (mode, &client_ca) {
-            (Mode::Terminate, None) => self.fault(at("client_ca"), "required in terminate mode"),
-            (Mode::Passthrough, Some(_)) => self.fault(
+            (Mode::Terminate, None) => self
+                .faults
+                .add(at("client_ca"), "required in terminate mode"),
+            (Mode::Passthrough, Some(_)) => self.faults.add(
                 at("client_ca"),
                 "not used in passthrough mode (the backend verifies clients)",
             ),
@@ -366,7 +451,7 @@ impl Validator<'_> {
             .filter_map(|(j, b)| match b.parse::<SocketAddr>() {
                 Ok(addr) => Some(BackendAddr(addr)),
                 Err(_) => {
-                    self.fault(
+                    self.faults.add(
                         at(&format!("backends[{j}]")),
                         format!("{b:?} is not host:port with an IP address"),
                     );
@@ -378,28 +463,29 @@ impl Validator<'_> {
         for (j, h) in raw.hostnames.iter().enumerate() {
             match normalize_hostname(h) {
                 Some(h) => hostnames.push(h),
-                None => self.fault(
+                None => self.faults.add(
                     at(&format!("hostnames[{j}]")),
                     format!("{h:?} is not a DNS host name"),
                 ),
             }
         }
         if mode == Mode::Passthrough && hostnames.is_empty() {
-            self.fault(
+            self.faults.add(
                 at("hostnames"),
                 "passthrough mode routes by SNI: name at least one host name",
             );
         }
-        let max_connections =
-            self.optional_count(&at("limits.max_connections"), raw.limits.max_connections);
-        let per_identity = self.optional_count(
+        let max_connections = self
+            .faults
+            .count(&at("limits.max_connections"), raw.limits.max_connections);
+        let per_identity = self.faults.count(
             &at("limits.max_connections_per_identity"),
             raw.limits.max_connections_per_identity,
         );
         if let Some(m) = max_connections
             && m > limits.max_connections
         {
-            self.fault(
+            self.faults.add(
                 at("limits.max_connections"),
                 format!("{m} exceeds the global limit {}", limits.max_connections),
             );
@@ -407,7 +493,7 @@ impl Validator<'_> {
         if let (Some(p), Some(m)) = (per_identity, max_connections)
             && p > m
         {
-            self.fault(
+            self.faults.add(
                 at("limits.max_connections_per_identity"),
                 format!("{p} exceeds the pool's limit {m}"),
             );
@@ -419,11 +505,13 @@ impl Validator<'_> {
             server_name: b.server_name,
         });
         if mode == Mode::Passthrough && backend_tls.is_some() {
-            self.fault(
+            self.faults.add(
                 at("backend_tls"),
                 "not used in passthrough mode (bytes are relayed untouched)",
             );
         }
+        let (connect_timeout, idle_timeout) =
+            self.faults.pool_timeouts(&pool_at, &raw.timeouts, timeouts);
         PoolConfig {
             id,
             mode,
@@ -432,16 +520,8 @@ impl Validator<'_> {
             hostnames,
             max_connections,
             max_connections_per_identity: per_identity,
-            connect_timeout: self.duration(
-                &at("timeouts.connect"),
-                raw.timeouts.connect.as_deref(),
-                timeouts.connect,
-            ),
-            idle_timeout: self.duration(
-                &at("timeouts.idle"),
-                raw.timeouts.idle.as_deref(),
-                timeouts.idle,
-            ),
+            connect_timeout,
+            idle_timeout,
             backend_tls,
         }
     }
@@ -451,7 +531,7 @@ impl Validator<'_> {
         let mut names: HashMap<&str, usize> = HashMap::new();
         for (i, pool) in config.pools.iter().enumerate() {
             if !ids.insert(&pool.id) {
-                self.fault(
+                self.faults.add(
                     format!("pool[{i}].name"),
                     format!("pool {} is defined twice", pool.id),
                 );
@@ -460,7 +540,7 @@ impl Validator<'_> {
                 if let Some(j) = names.insert(h, i)
                     && j != i
                 {
-                    self.fault(
+                    self.faults.add(
                         format!("pool[{i}].hostnames"),
                         format!("{h} is already routed to pool[{j}]"),
                     );
@@ -469,41 +549,16 @@ impl Validator<'_> {
         }
         let terminates = config.pools.iter().any(|p| p.mode == Mode::Terminate);
         if terminates && config.server_certs.is_empty() {
-            self.fault(
+            self.faults.add(
                 "server_cert",
                 "terminate mode needs at least one [[server_cert]]",
             );
         }
     }
 
-    fn addr(&mut self, path: &str, text: &str) -> SocketAddr {
-        value::addr(text).unwrap_or_else(|message| {
-            self.fault(path, message);
-            SocketAddr::from(([127, 0, 0, 1], 0))
-        })
-    }
-
-    fn count(&mut self, path: &str, n: Option<i64>, default: usize) -> usize {
-        self.optional_count(path, n).unwrap_or(default)
-    }
-
-    fn optional_count(&mut self, path: &str, n: Option<i64>) -> Option<usize> {
-        value::count(n?)
-            .map_err(|message| self.fault(path, message))
-            .ok()
-    }
-
-    fn duration(&mut self, path: &str, text: Option<&str>, default: Duration) -> Duration {
-        let Some(text) = text else { return default };
-        value::duration(text).unwrap_or_else(|message| {
-            self.fault(path, message);
-            default
-        })
-    }
-
     fn file(&mut self, path: &str, value: &str) -> PathBuf {
         if value.is_empty() {
-            self.fault(path, "empty path");
+            self.faults.add(path, "empty path");
         }
         self.base.join(value)
     }
