@@ -18,12 +18,14 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cluster::{TestNamespace, eventually, install_crd, install_rbac, test_client, test_config};
+use cluster::{
+    TestNamespace, eventually, install_crd, install_rbac, service_account_token, test_client,
+    test_config,
+};
 use control::crd::{BuildKitPool, Phase};
 use control::pki::Ca;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{Endpoints, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Endpoints, Pod, Secret, Service};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
@@ -65,23 +67,6 @@ fn kubeconfig_with_token(dir: &Path, token: &str) -> std::path::PathBuf {
     let out = dir.join("gateway.kubeconfig");
     std::fs::write(&out, text).unwrap();
     out
-}
-
-async fn service_account_token(client: &Client, ns: &str, name: &str) -> String {
-    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
-    let request = TokenRequest {
-        spec: TokenRequestSpec {
-            audiences: vec![],
-            expiration_seconds: Some(3600),
-            ..TokenRequestSpec::default()
-        },
-        ..TokenRequest::default()
-    };
-    let token = sas
-        .create_token_request(name, &PostParams::default(), &request)
-        .await
-        .expect("token for the gateway ServiceAccount");
-    token.status.unwrap().token
 }
 
 /// One `bkpool gateway --kubernetes` replica on `ip`.
@@ -188,7 +173,7 @@ async fn backend(secret: &Secret, addr: SocketAddr) -> tokio::task::JoinHandle<(
 }
 
 /// A client of the pool: a certificate from the pool's client CA, trusting that CA.
-fn client_config(client_ca: &Secret, ns: &str) -> Arc<rustls::ClientConfig> {
+fn client_config(client_ca: &Secret, ns: &str, dir: &Path) -> Arc<rustls::ClientConfig> {
     let ca = Ca::from_pem(
         &secret_text(client_ca, "ca.crt"),
         &secret_text(client_ca, "ca.key"),
@@ -199,20 +184,17 @@ fn client_config(client_ca: &Secret, ns: &str) -> Arc<rustls::ClientConfig> {
     let issued = ca
         .issue_client(&pool, &identity, Duration::from_secs(600))
         .unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(secret_text(client_ca, "ca-bundle.crt").as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let chain: Vec<_> = CertificateDer::pem_slice_iter(issued.cert_pem.as_bytes())
-        .map(Result::unwrap)
-        .collect();
-    let key = PrivateKeyDer::from_pem_slice(issued.key_pem.unwrap().as_bytes()).unwrap();
-    let mut config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Arc::new(config)
+    // What `bkpool login` writes: a buildctl --tlsdir.
+    let tlsdir = dir.join("tls");
+    std::fs::create_dir_all(&tlsdir).unwrap();
+    std::fs::write(
+        tlsdir.join("ca.pem"),
+        secret_text(client_ca, "ca-bundle.crt"),
+    )
+    .unwrap();
+    std::fs::write(tlsdir.join("cert.pem"), &issued.cert_pem).unwrap();
+    std::fs::write(tlsdir.join("key.pem"), issued.key_pem.unwrap()).unwrap();
+    support::local::client_config(&tlsdir)
 }
 
 /// Connects through `gateway` as a pool client and checks an echo round trip; returns the
@@ -392,7 +374,7 @@ async fn a_held_connection_wakes_the_pool_and_an_idle_pool_drains_to_zero() {
     publish_gateways(&client, &ns.name, &[g1, g2], ports.1).await;
 
     let client_ca = secrets.get(&format!("{POOL}-client-ca")).await.unwrap();
-    let config = client_config(&client_ca, &ns.name);
+    let config = client_config(&client_ca, &ns.name, dir.path());
     let buildkitd_tls = secrets.get(&format!("{POOL}-buildkitd-tls")).await.unwrap();
     let pod_addr = SocketAddr::new(pod_ip, 1234);
     let stand_in = backend(&buildkitd_tls, pod_addr).await;

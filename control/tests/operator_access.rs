@@ -9,9 +9,8 @@ use std::time::{Duration, Instant};
 
 use control::crd::{BuildKitPool, Phase};
 use control::operator::leader::LeaderElection;
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
@@ -124,20 +123,7 @@ async fn the_controller_does_its_job_with_the_deployed_rbac_and_nothing_more() {
     let ns = TestNamespace::create(&client, "bkp-rbac").await;
     let cluster_names = install_rbac(&client, &ns.name, "rbac-controller.yaml").await;
 
-    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns.name);
-    let request = TokenRequest {
-        spec: TokenRequestSpec {
-            audiences: vec![],
-            expiration_seconds: Some(600),
-            ..TokenRequestSpec::default()
-        },
-        ..TokenRequest::default()
-    };
-    let token = sas
-        .create_token_request("bkpool-controller", &PostParams::default(), &request)
-        .await
-        .unwrap();
-    let token = token.status.unwrap().token;
+    let token = service_account_token(&client, &ns.name, "bkpool-controller").await;
     let sa_client = client_with_token(config, &token);
 
     // The ServiceAccount's Lease and reconciles work.

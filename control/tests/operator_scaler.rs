@@ -17,7 +17,6 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use control::crd::BuildKitPool;
-use control::operator::metrics::Metrics;
 use control::operator::scaler::{self, Settings};
 use control::operator::watch::Scope;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -27,7 +26,6 @@ use kube::{Client, ResourceExt};
 use proxy::activity::{PoolSnapshot, Snapshot};
 use serde_json::json;
 use support::*;
-use tokio::sync::oneshot;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -51,12 +49,8 @@ async fn activity(State(fake): State<Shared>) -> Response {
             pool,
             open,
             held,
-            accepted: 0,
-            rejected: 0,
-            bytes_in: 0,
-            bytes_out: 0,
-            last_activity_ms: 0,
             draining,
+            ..PoolSnapshot::default()
         })
         .collect();
     let taken_at_ms = std::time::SystemTime::now()
@@ -101,45 +95,18 @@ async fn publish_gateway(client: &Client, ns: &str, fake: SocketAddr) {
         .expect("gateway Endpoints (loopback address)");
 }
 
-struct RunningScaler {
-    metrics: Metrics,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl RunningScaler {
-    fn start(client: &Client, ns: &str) -> Self {
-        let mut registry = prometheus_client::registry::Registry::default();
-        let metrics = Metrics::register(&mut registry);
-        let settings = Settings {
-            gateway_namespace: ns.into(),
-            interval: Duration::from_millis(250),
-            drain_settle: Duration::from_secs(1),
-            ..Settings::default()
-        };
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(scaler::run(
-            client.clone(),
-            Scope::Namespace(ns.into()),
-            settings,
-            metrics.clone(),
-            async move {
-                let _ = stopped.await;
-            },
-        ));
-        Self {
-            metrics,
-            stop: Some(stop),
-            task,
-        }
-    }
-
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(10), &mut self.task).await;
-    }
+/// The scaler alone, polling often, with a short settle time.
+fn start_scaler(client: &Client, ns: &str) -> RunningController {
+    let settings = Settings {
+        gateway_namespace: ns.into(),
+        interval: Duration::from_millis(250),
+        drain_settle: Duration::from_secs(1),
+        ..Settings::default()
+    };
+    let (client, scope) = (client.clone(), Scope::Namespace(ns.into()));
+    RunningController::spawn(|metrics, stopped| {
+        scaler::run(client, scope, settings, metrics, stopped)
+    })
 }
 
 async fn pool(client: &Client, ns: &str, name: &str) -> BuildKitPool {
@@ -200,7 +167,7 @@ async fn an_idle_pool_drains_and_scales_to_zero_only_when_every_gateway_acknowle
         .patch_scale("a-buildkitd", &PatchParams::default(), &wake)
         .await
         .unwrap();
-    let scaler = RunningScaler::start(&client, &ns.name);
+    let scaler = start_scaler(&client, &ns.name);
     let id = format!("{}/a", ns.name);
 
     // The gateway cannot report (503): no drain, however long the pool is idle.

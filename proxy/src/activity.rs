@@ -55,7 +55,7 @@ pub struct Snapshot {
     pub pools: Vec<PoolSnapshot>,
 }
 
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct PoolSnapshot {
     pub pool: String,
     pub open: u64,

@@ -15,6 +15,7 @@ use control::operator::Settings;
 use control::operator::controller;
 use control::operator::metrics::Metrics;
 use control::operator::watch::Scope;
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
@@ -51,6 +52,24 @@ pub async fn test_config() -> Option<kube::Config> {
 pub fn client_with_token(mut config: kube::Config, token: &str) -> Client {
     config.auth_info = serde_json::from_value(serde_json::json!({ "token": token })).unwrap();
     Client::try_from(config).expect("client")
+}
+
+/// A token of ServiceAccount `name` in `ns` (for the API server's audience), valid 1 hour.
+pub async fn service_account_token(client: &Client, ns: &str, name: &str) -> String {
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![],
+            expiration_seconds: Some(3600),
+            ..TokenRequestSpec::default()
+        },
+        ..TokenRequest::default()
+    };
+    let token = sas
+        .create_token_request(name, &PostParams::default(), &request)
+        .await
+        .unwrap_or_else(|e| panic!("a token for ServiceAccount {name}: {e}"));
+    token.status.expect("token status").token
 }
 
 /// A unique lowercase name starting with `prefix`.
@@ -160,28 +179,37 @@ where
     }
 }
 
-/// The operator running in the background for one namespace.
+/// An operator loop (the reconcilers, or the scaler) running in the background until stopped.
 pub struct RunningController {
     pub metrics: Metrics,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
 
+/// Completes when the test stops a loop.
+pub type Stopped = std::pin::Pin<Box<dyn Future<Output = ()> + Send + Sync>>;
+
 impl RunningController {
+    /// The reconcilers, for one namespace.
     pub fn start(client: &Client, namespace: &str) -> Self {
+        let (client, scope) = (client.clone(), Scope::Namespace(namespace.to_owned()));
+        Self::spawn(|metrics, stopped| {
+            controller::run(client, scope, Settings::default(), metrics, stopped)
+        })
+    }
+
+    /// Any loop that takes its metrics and a future that completes when it should stop.
+    pub fn spawn<Fut>(run: impl FnOnce(Metrics, Stopped) -> Fut) -> Self
+    where
+        Fut: Future<Output = ()> + Send + 'static,
+    {
         let mut registry = prometheus_client::registry::Registry::default();
         let metrics = Metrics::register(&mut registry);
         let (stop, stopped) = oneshot::channel();
-        let scope = Scope::Namespace(namespace.to_owned());
-        let task = tokio::spawn(controller::run(
-            client.clone(),
-            scope,
-            Settings::default(),
-            metrics.clone(),
-            async move {
-                let _ = stopped.await;
-            },
-        ));
+        let stopped: Stopped = Box::pin(async move {
+            let _ = stopped.await;
+        });
+        let task = tokio::spawn(run(metrics.clone(), stopped));
         Self {
             metrics,
             stop: Some(stop),

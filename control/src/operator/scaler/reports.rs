@@ -280,12 +280,9 @@ mod tests {
             pool: name.into(),
             open,
             held,
-            accepted: 0,
-            rejected: 0,
-            bytes_in: 0,
-            bytes_out: 0,
             last_activity_ms: 1_000 * open,
             draining: draining.map(Into::into),
+            ..PoolSnapshot::default()
         }
     }
 
