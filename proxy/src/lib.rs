@@ -14,7 +14,9 @@
 //! - [`credentials`]: hot reload of certificates and CA bundles from files.
 //! - [`route`]: the route table and where backends come from.
 //! - [`connect`]: backend dial with fallback, optional backend mTLS.
+//! - [`preface`]: the HTTP/2 server preface answered while a connection is held (h2 wakes).
 //! - [`relay`]: moves bytes client ↔ backend (splice or pooled copy), half-close, resets, idle.
+//! - [`affinity`]: cache-affine backend choice (consistent hashing with bounded loads).
 //! - [`activity`]: lock-free per-pool activity for the control loop.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/activity`.
@@ -23,6 +25,7 @@
 pub mod activity;
 pub mod admin;
 pub mod admit;
+pub mod affinity;
 pub mod clienthello;
 pub mod config;
 pub mod connect;
@@ -33,6 +36,7 @@ pub mod handshake;
 pub mod identify;
 pub mod metrics;
 pub mod names;
+pub mod preface;
 pub mod relay;
 pub mod route;
 pub mod server;
