@@ -111,6 +111,7 @@ fn route_lookup(c: &mut Criterion) {
             max_connections_per_identity: None,
             connect_timeout: Duration::from_secs(3),
             idle_timeout: Duration::from_secs(60),
+            preface_while_waking: false,
             backend_tls: None,
         };
         PoolRoute::from_config(&config, Arc::new(StaticUpstream::new(&[])), None)

@@ -14,6 +14,7 @@
 //! [[pool]]
 //! name = "default"
 //! max_cert_ttl = "1h"
+//! preface_while_waking = true   # answer HTTP/2 while held, so wakes may outlast 20 s
 //! [pool.scaling]
 //! idle_after = "10m"
 //! [pool.replica]
@@ -66,6 +67,8 @@ pub struct LocalPool {
     pub replica: ReplicaCommand,
     /// Longest lifetime `bkpool cert issue` grants a client certificate of this pool.
     pub max_cert_ttl: Duration,
+    /// Answer the HTTP/2 preface while a connection is held for a wake (on by default).
+    pub preface_while_waking: bool,
 }
 
 /// What a replica runs.
@@ -141,6 +144,7 @@ impl LocalConfig {
                     max_connections_per_identity: p.max_connections_per_identity,
                     connect_timeout: p.connect_timeout,
                     idle_timeout: p.idle_timeout,
+                    preface_while_waking: p.preface_while_waking,
                     backend_tls: None,
                 })
                 .collect(),
@@ -205,6 +209,7 @@ struct RawPool {
     scaling: RawScaling,
     #[serde(default)]
     replica: RawReplica,
+    preface_while_waking: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -338,6 +343,7 @@ impl Validator {
                 raw.max_cert_ttl.as_deref(),
                 DEFAULT_MAX_CERT_TTL,
             ),
+            preface_while_waking: raw.preface_while_waking.unwrap_or(true),
         }
     }
 

@@ -211,7 +211,7 @@ mod tests {
         for key in keys(50) {
             assert_eq!(
                 ring.order(&key, &idle, c)[0],
-                owners(&ring, &[key.clone()])[0]
+                owners(&ring, std::slice::from_ref(&key))[0]
             );
         }
     }

@@ -78,6 +78,9 @@ pub struct PoolConfig {
     pub max_connections_per_identity: Option<usize>,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Terminate mode: answer the HTTP/2 preface while a connection is held for a wake
+    /// (`preface_while_waking`, on by default).
+    pub preface_while_waking: bool,
     /// mTLS towards the backend (terminate mode only); plaintext when absent.
     pub backend_tls: Option<BackendTls>,
 }
@@ -356,6 +359,7 @@ struct RawPool {
     #[serde(default)]
     timeouts: RawPoolTimeouts,
     backend_tls: Option<RawBackendTls>,
+    preface_while_waking: Option<bool>,
 }
 
 /// `[pool.limits]` as written.
@@ -510,6 +514,12 @@ impl Validator<'_> {
                 "not used in passthrough mode (bytes are relayed untouched)",
             );
         }
+        if mode == Mode::Passthrough && raw.preface_while_waking == Some(true) {
+            self.faults.add(
+                at("preface_while_waking"),
+                "not possible in passthrough mode (the gateway cannot read the encrypted bytes)",
+            );
+        }
         let (connect_timeout, idle_timeout) =
             self.faults.pool_timeouts(&pool_at, &raw.timeouts, timeouts);
         PoolConfig {
@@ -522,6 +532,8 @@ impl Validator<'_> {
             max_connections_per_identity: per_identity,
             connect_timeout,
             idle_timeout,
+            preface_while_waking: mode == Mode::Terminate
+                && raw.preface_while_waking != Some(false),
             backend_tls,
         }
     }

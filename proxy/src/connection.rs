@@ -1,5 +1,5 @@
 //! One connection's life, top to bottom:
-//! admit → handshake → authorize → route → connect → relay.
+//! admit → handshake → authorize → route (holding while the pool wakes) → connect → relay.
 //!
 //! Every refusal is counted with a fixed reason; every slot is an RAII permit held by this
 //! function's frame, so an early return releases everything.
@@ -15,14 +15,16 @@ use std::time::Instant;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::admit::Permit;
+use crate::activity::OpenGuard;
+use crate::admit::{Permit, PoolPermit};
 use crate::config::Mode;
 use crate::connect::{self, Connected};
 use crate::gateway::Gateway;
 use crate::handshake::{self, Accepted};
+use crate::hold;
 use crate::names::ClientIdentity;
 use crate::relay::{self, Direction, Outcome, Tally};
-use crate::route::PoolRoute;
+use crate::route::{BackendLoad, PoolRoute};
 
 /// Serves one accepted connection. `_slot` is its place under the global limit.
 pub async fn handle(gateway: &Arc<Gateway>, tcp: TcpStream, peer: SocketAddr, _slot: Permit) {
@@ -59,7 +61,10 @@ pub async fn handle(gateway: &Arc<Gateway>, tcp: TcpStream, peer: SocketAddr, _s
     gateway.metrics.handshake(started.elapsed());
 
     match accepted {
-        Accepted::Terminated { stream, peer: who } => {
+        Accepted::Terminated {
+            mut stream,
+            peer: who,
+        } => {
             let Some(route) = routes
                 .pool(&who.pool)
                 .filter(|r| r.mode == Mode::Terminate)
@@ -69,119 +74,196 @@ pub async fn handle(gateway: &Arc<Gateway>, tcp: TcpStream, peer: SocketAddr, _s
                 // still leave the pool without a route.
                 return gateway.metrics.rejected(None, "no_route");
             };
-            let pool = route.clone();
-            serve(
-                gateway,
-                &route,
-                Some(&who.identity),
-                peer,
-                |backend| async move {
-                    let settings = settings(&pool);
-                    let Some(tls) = &pool.backend_tls else {
-                        return Ok(Box::pin(relay::copy(
-                            stream,
-                            backend.tcp,
-                            &settings,
-                            &backend.tally,
-                        ))
-                        .await);
-                    };
+            let client = hold::Client::Tls {
+                stream: &mut stream,
+                answer: route.preface_while_waking,
+            };
+            let identity = Some(&who.identity);
+            let Some(routed) = admit_and_connect(gateway, &route, identity, peer, client).await
+            else {
+                return;
+            };
+            let Routed {
+                backend,
+                replay,
+                guards,
+            } = routed;
+            let settings = settings(&route);
+            let outcome = match &route.backend_tls {
+                None => match replayed(backend.tcp, &replay, &route).await {
+                    Ok(tcp) => {
+                        let relay = relay::copy(stream, tcp, &settings, &backend.tally);
+                        Ok(Box::pin(relay).await)
+                    }
+                    Err(reason) => Err(reason),
+                },
+                Some(tls) => {
                     let secure =
-                        connect::secure(backend.tcp, backend.addr, tls, pool.connect_timeout);
+                        connect::secure(backend.tcp, backend.addr, tls, route.connect_timeout);
                     match Box::pin(secure).await {
-                        Ok(secured) => {
-                            let relay =
-                                relay::copy(stream, Box::new(secured), &settings, &backend.tally);
-                            Ok(Box::pin(relay).await)
-                        }
+                        Ok(secured) => match replayed(secured, &replay, &route).await {
+                            Ok(secured) => {
+                                let relay = relay::copy(
+                                    stream,
+                                    Box::new(secured),
+                                    &settings,
+                                    &backend.tally,
+                                );
+                                Ok(Box::pin(relay).await)
+                            }
+                            Err(reason) => Err(reason),
+                        },
                         Err(e) => {
-                            tracing::warn!(pool = %pool.id, error = %e, "backend TLS failed");
+                            tracing::warn!(pool = %route.id, error = %e, "backend TLS failed");
                             Err(e.reason())
                         }
                     }
-                },
-            )
-            .await
+                }
+            };
+            finish(gateway, &route, peer, guards, outcome);
         }
         Accepted::Passthrough { tcp, route, hello } => {
-            let pool = route.clone();
-            serve(gateway, &route, None, peer, |mut backend| async move {
-                if let Err(e) = backend.tcp.write_all(&hello).await {
-                    tracing::debug!(pool = %pool.id, error = %e, "backend closed before the ClientHello was replayed");
-                    return Err("backend_closed");
+            let client = hold::Client::Raw(&tcp);
+            let Some(routed) = admit_and_connect(gateway, &route, None, peer, client).await else {
+                return;
+            };
+            let Routed {
+                backend, guards, ..
+            } = routed;
+            let outcome = match replayed(backend.tcp, &hello, &route).await {
+                Ok(backend_tcp) => {
+                    // The replayed ClientHello is the first of the client's bytes.
+                    let tally = &backend.tally;
+                    tally.moved(Direction::Inbound, relay::Path::Copy, hello.len() as u64);
+                    drop(hello);
+                    let settings = settings(&route);
+                    let relay = relay::splice(tcp, backend_tcp, &settings, tally);
+                    Ok(Box::pin(relay).await)
                 }
-                // The replayed ClientHello is the first of the client's bytes.
-                backend.tally.moved(Direction::Inbound, relay::Path::Copy, hello.len() as u64);
-                drop(hello);
-                Ok(Box::pin(relay::splice(tcp, backend.tcp, &settings(&pool), &backend.tally)).await)
-            })
-            .await
+                Err(reason) => Err(reason),
+            };
+            finish(gateway, &route, peer, guards, outcome);
         }
     }
 }
 
-/// A connected backend, handed to the relay closure with the tally of its pool.
+/// A connected backend, with the tally of its pool.
 pub struct Backend<'a> {
     pub tcp: TcpStream,
     pub addr: crate::names::BackendAddr,
     pub tally: crate::activity::ConnectionTally<'a>,
 }
 
-/// The authenticated part: pool limits, backend choice (possibly waiting for a wake),
-/// connect, then the relay given by `relay_with` (which returns a refusal reason when the
-/// backend leg cannot be set up).
-async fn serve<'g, F, Fut>(
+/// An authenticated connection with its backend.
+struct Routed<'g> {
+    backend: Backend<'g>,
+    /// Client bytes read while the connection was held, owed to the backend first.
+    replay: Vec<u8>,
+    guards: Guards,
+}
+
+/// Every slot an authenticated connection holds, released together when this drops after
+/// the relay.
+struct Guards {
+    opened: Instant,
+    _permit: PoolPermit,
+    _load: BackendLoad,
+    _open: OpenGuard,
+}
+
+/// The authenticated part: pool limits, backend choice (holding the connection while the pool
+/// wakes, see [`hold`]), connect. `None` when the connection was refused (and counted).
+async fn admit_and_connect<'g>(
     gateway: &'g Arc<Gateway>,
     route: &Arc<PoolRoute>,
     identity: Option<&ClientIdentity>,
     peer: SocketAddr,
-    relay_with: F,
-) where
-    F: FnOnce(Backend<'g>) -> Fut,
-    Fut: Future<Output = Result<Outcome, &'static str>>,
-{
+    client: hold::Client<'_>,
+) -> Option<Routed<'g>> {
     let pool = &route.id;
     let activity = gateway.activity.pool(pool);
     let refuse = |reason: &'static str| {
         activity.rejected();
         gateway.metrics.rejected(Some(pool.as_str()), reason);
     };
-    let _permit = match gateway.admission.enter(
+    let permit = match gateway.admission.enter(
         pool,
         identity,
         route.max_connections,
         route.max_connections_per_identity,
     ) {
         Ok(permit) => permit,
-        Err(refused) => return refuse(refused.reason()),
+        Err(refused) => {
+            refuse(refused.reason());
+            return None;
+        }
     };
-    let candidates = match route.upstream.candidates(&activity).await {
+    // Boxed: a held connection's state (the preface buffer) is large and rare.
+    let (candidates, released) =
+        Box::pin(hold::wait(route.upstream.candidates(&activity), client)).await;
+    gateway.metrics.held(&released);
+    let candidates = match candidates {
         Ok(candidates) => candidates,
         Err(e) => {
             tracing::info!(%pool, %peer, error = %e, "no backend for connection");
-            return refuse(e.reason());
+            refuse(e.reason());
+            return None;
         }
     };
-    let Connected {
-        tcp,
-        addr,
-        load: _load,
-    } = match connect::dial(&candidates, route.connect_timeout).await {
-        Ok(connected) => connected,
-        Err(e) => {
-            tracing::warn!(%pool, %peer, error = %e, "backend unreachable");
-            return refuse(e.reason());
-        }
-    };
-    let _open = activity.open();
-    let opened = Instant::now();
+    let Connected { tcp, addr, load } =
+        match connect::dial(&candidates, route.connect_timeout).await {
+            Ok(connected) => connected,
+            Err(e) => {
+                tracing::warn!(%pool, %peer, error = %e, "backend unreachable");
+                refuse(e.reason());
+                return None;
+            }
+        };
+    let open = activity.open();
     tracing::debug!(%pool, %peer, identity = identity.map(ClientIdentity::as_str), backend = %addr, "relaying");
     let tally = gateway.activity.tally(activity.clone());
-    match relay_with(Backend { tcp, addr, tally }).await {
-        Ok(outcome) => tracing::debug!(%pool, %peer, ?outcome, "connection closed"),
-        Err(reason) => gateway.metrics.rejected(Some(pool.as_str()), reason),
+    Some(Routed {
+        backend: Backend { tcp, addr, tally },
+        replay: released.replay,
+        guards: Guards {
+            opened: Instant::now(),
+            _permit: permit,
+            _load: load,
+            _open: open,
+        },
+    })
+}
+
+/// Sends the client's bytes already read (a passthrough ClientHello, frames kept while the
+/// connection was held) to the backend before the relay takes over.
+async fn replayed<S: tokio::io::AsyncWrite + Unpin>(
+    mut backend: S,
+    bytes: &[u8],
+    route: &PoolRoute,
+) -> Result<S, &'static str> {
+    if bytes.is_empty() {
+        return Ok(backend);
     }
-    gateway.metrics.connection_closed(opened.elapsed());
+    if let Err(e) = backend.write_all(bytes).await {
+        tracing::debug!(pool = %route.id, error = %e, "backend closed before the client's first bytes were replayed");
+        return Err("backend_closed");
+    }
+    Ok(backend)
+}
+
+/// Counts how the relay ended, then releases the connection's slots.
+fn finish(
+    gateway: &Gateway,
+    route: &PoolRoute,
+    peer: SocketAddr,
+    guards: Guards,
+    outcome: Result<Outcome, &'static str>,
+) {
+    match outcome {
+        Ok(outcome) => tracing::debug!(pool = %route.id, %peer, ?outcome, "connection closed"),
+        Err(reason) => gateway.metrics.rejected(Some(route.id.as_str()), reason),
+    }
+    gateway.metrics.connection_closed(guards.opened.elapsed());
 }
 
 fn settings(route: &PoolRoute) -> relay::Settings {

@@ -7,6 +7,7 @@
 //! - [`connection`]: one connection's life, top to bottom.
 //! - [`admit`]: connection and handshake limits as RAII permits.
 //! - [`handshake`]: TLS termination, or SNI routing for passthrough.
+//! - [`hold`]: a connection held while its pool wakes: the client watched, h2 answered.
 //! - [`clienthello`]: reads a ClientHello's SNI without terminating TLS.
 //! - [`tls`]: certificate loading, SNI certificate choice, per-pool client verification.
 //! - [`identify`]: pool and caller from a client certificate's URI SAN.
@@ -33,6 +34,7 @@ pub mod connection;
 pub mod credentials;
 pub mod gateway;
 pub mod handshake;
+pub mod hold;
 pub mod identify;
 pub mod metrics;
 pub mod names;

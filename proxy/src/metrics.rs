@@ -25,6 +25,13 @@ pub struct Metrics {
     handshake_seconds: Histogram,
     connection_seconds: Histogram,
     reloads: Family<ResultLabels, Counter>,
+    prefaces_answered: Counter,
+    preface_fallbacks: Family<ReasonLabels, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -55,6 +62,8 @@ impl Metrics {
             handshake_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 16)),
             connection_seconds: Histogram::new(exponential_buckets(0.001, 4.0, 14)),
             reloads: Family::default(),
+            prefaces_answered: Counter::default(),
+            preface_fallbacks: Family::default(),
         };
         gw.register(
             "connections_rejected",
@@ -78,6 +87,22 @@ impl Metrics {
             "Certificate and CA reloads, by kind and result",
             metrics.reloads.clone(),
         );
+        gw.register(
+            "held_prefaces_answered",
+            "Held connections whose HTTP/2 preface the gateway answered while the pool woke",
+            metrics.prefaces_answered.clone(),
+        );
+        gw.register(
+            "held_preface_fallbacks",
+            "Held connections that fell back to plain holding, by reason",
+            metrics.preface_fallbacks.clone(),
+        );
+        for fallback in crate::preface::Fallback::ALL {
+            let labels = ReasonLabels {
+                reason: fallback.reason(),
+            };
+            drop(metrics.preface_fallbacks.get_or_create(&labels));
+        }
         gw.register_collector(Box::new(ActivityCollector {
             activity,
             admission,
@@ -91,6 +116,19 @@ impl Metrics {
             reason,
         };
         self.rejected.get_or_create(&labels).inc();
+    }
+
+    /// Counts what happened to a connection while it was held (nothing, when it was not).
+    pub fn held(&self, released: &crate::hold::Released) {
+        if released.answered {
+            self.prefaces_answered.inc();
+        }
+        if let Some(fallback) = released.fallback {
+            let labels = ReasonLabels {
+                reason: fallback.reason(),
+            };
+            self.preface_fallbacks.get_or_create(&labels).inc();
+        }
     }
 
     pub fn handshake(&self, took: Duration) {

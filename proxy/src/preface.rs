@@ -4,7 +4,8 @@
 //! A gRPC client (grpc-go, so `buildctl` and buildx) gives up when the server's HTTP/2
 //! preface (a SETTINGS frame) has not arrived 20 s after it connected. A wake that needs a new
 //! node or an image pull takes longer, so the gateway sends an empty SETTINGS frame of its own
-//! as soon as it holds the connection; the client's transport is then up and its RPCs wait on
+//! as soon as it holds the connection and the client has sent its connection preface (which
+//! grpc-go does right after the TLS handshake); the client's transport is then up and its RPCs wait on
 //! their own deadlines (none, for a build). The client's frames are kept, bounded, until a
 //! backend is connected, and replayed to it unchanged but for one frame: the SETTINGS ACK that
 //! answers the gateway's SETTINGS, which the backend never sent and must not see.
@@ -126,6 +127,11 @@ impl Held {
         self.limit - self.kept.len()
     }
 
+    /// Whether the client sent the whole HTTP/2 connection preface: only then is it answered.
+    pub fn spoke_h2(&self) -> bool {
+        self.expect != Expect::Magic
+    }
+
     /// Whether the acknowledgement of the gateway's SETTINGS has arrived (and was removed).
     pub fn acknowledged(&self) -> bool {
         self.expect == Expect::Rest
@@ -201,7 +207,7 @@ impl Held {
         }
         if frame.kind == FRAME_SETTINGS {
             let ack = frame.flags & FLAG_ACK != 0;
-            if frame.stream != 0 || (ack && frame.len != 0) || frame.len % 6 != 0 {
+            if frame.stream != 0 || (ack && frame.len != 0) || !frame.len.is_multiple_of(6) {
                 return Err(Fallback::BadSettings);
             }
         }

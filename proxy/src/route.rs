@@ -35,6 +35,9 @@ pub struct PoolRoute {
     pub max_connections_per_identity: Option<usize>,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Terminate mode: answer the HTTP/2 preface while the connection is held for a wake, so
+    /// the wake may outlast the client's connect deadline (see [`crate::hold`]).
+    pub preface_while_waking: bool,
     pub upstream: Arc<dyn Upstream>,
     /// mTLS towards the backend, when configured.
     pub backend_tls: Option<BackendTlsClient>,
@@ -204,6 +207,7 @@ impl PoolRoute {
             max_connections_per_identity: pool.max_connections_per_identity,
             connect_timeout: pool.connect_timeout,
             idle_timeout: pool.idle_timeout,
+            preface_while_waking: pool.preface_while_waking,
             upstream,
             backend_tls,
         }
