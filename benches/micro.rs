@@ -112,6 +112,7 @@ fn route_lookup(c: &mut Criterion) {
             connect_timeout: Duration::from_secs(3),
             idle_timeout: Duration::from_secs(60),
             preface_while_waking: false,
+            balance: proxy::affinity::Balance::LeastLoaded,
             backend_tls: None,
         };
         PoolRoute::from_config(&config, Arc::new(StaticUpstream::new(&[])), None)

@@ -15,6 +15,8 @@
 //! name = "default"
 //! max_cert_ttl = "1h"
 //! preface_while_waking = true   # answer HTTP/2 while held, so wakes may outlast 20 s
+//! balance = "affine"             # a caller returns to its replica's cache ("least-loaded")
+//! load_bound = 1.25              # ... unless that replica carries > 1.25 × the average
 //! [pool.scaling]
 //! idle_after = "10m"
 //! [pool.replica]
@@ -26,14 +28,17 @@ use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use proxy::affinity::Balance;
 use proxy::config::{
-    CertFiles, ConfigErrors, Faults, GatewayConfig, Limits, Mode, PoolConfig, RawPoolLimits,
-    RawPoolTimeouts, RawTimeouts, Timeouts, from_toml, read_file,
+    BalanceMode, CertFiles, ConfigErrors, Faults, GatewayConfig, Limits, Mode, PoolConfig,
+    RawPoolLimits, RawPoolTimeouts, RawTimeouts, Timeouts, from_toml, read_file,
 };
 use proxy::names::PoolId;
 use serde::Deserialize;
 
-use crate::scale::policy::{DEFAULT_MAX_HELD_TOTAL, Policy, Settings};
+use crate::scale::policy::{
+    DEFAULT_MAX_HELD_TOTAL, DEFAULT_WAKE_TIMEOUT_ANSWERED, Policy, Settings,
+};
 
 /// What a pool's replicas run when no configuration file is given.
 pub const DEFAULT_COMMAND: [&str; 5] = ["buildkitd", "--addr", "tcp://{addr}", "--root", "{root}"];
@@ -69,6 +74,9 @@ pub struct LocalPool {
     pub max_cert_ttl: Duration,
     /// Answer the HTTP/2 preface while a connection is held for a wake (on by default).
     pub preface_while_waking: bool,
+    /// How connections spread over replicas: by caller identity onto replica slots, whose
+    /// state directories (and caches) survive sleeps, unless configured least-loaded.
+    pub balance: Balance,
 }
 
 /// What a replica runs.
@@ -145,6 +153,7 @@ impl LocalConfig {
                     connect_timeout: p.connect_timeout,
                     idle_timeout: p.idle_timeout,
                     preface_while_waking: p.preface_while_waking,
+                    balance: p.balance,
                     backend_tls: None,
                 })
                 .collect(),
@@ -210,6 +219,8 @@ struct RawPool {
     #[serde(default)]
     replica: RawReplica,
     preface_while_waking: Option<bool>,
+    balance: Option<BalanceMode>,
+    load_bound: Option<f64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -326,7 +337,11 @@ impl Validator {
             &at("limits.max_connections_per_identity"),
             raw.limits.max_connections_per_identity,
         );
-        let scaling = self.scaling(&at("scaling"), &raw.scaling);
+        let preface_while_waking = raw.preface_while_waking.unwrap_or(true);
+        let mut scaling = self.scaling(&at("scaling"), &raw.scaling);
+        if raw.scaling.wake_timeout.is_none() && preface_while_waking {
+            scaling.wake_timeout = DEFAULT_WAKE_TIMEOUT_ANSWERED;
+        }
         let replica = self.replica(&at("replica"), raw.replica);
         let (connect_timeout, idle_timeout) =
             self.faults.pool_timeouts(&pool_at, &raw.timeouts, timeouts);
@@ -343,7 +358,10 @@ impl Validator {
                 raw.max_cert_ttl.as_deref(),
                 DEFAULT_MAX_CERT_TTL,
             ),
-            preface_while_waking: raw.preface_while_waking.unwrap_or(true),
+            preface_while_waking,
+            balance: self
+                .faults
+                .balance(&pool_at, Mode::Terminate, raw.balance, raw.load_bound),
         }
     }
 

@@ -14,6 +14,46 @@
 //! across sleeps, its ordinal and volume do not. Hashes are fixed functions of their input,
 //! so every gateway replica of one version picks the same backend for the same caller.
 
+use crate::route::Candidate;
+
+/// The load bound when a pool names none: a replica takes up to 25 % more than the average
+/// before its callers spill to the next replica on the ring.
+pub const DEFAULT_LOAD_BOUND: f64 = 1.25;
+
+/// How a pool spreads its connections over its replicas.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Balance {
+    /// Each connection to the replica carrying the fewest.
+    LeastLoaded,
+    /// Each caller to its replica on the ring while that replica carries at most
+    /// `load_bound` × the average (at least 1).
+    Affine { load_bound: f64 },
+}
+
+impl Balance {
+    /// Orders `candidates` (least loaded first) for one connection from `caller`. Without a
+    /// caller identity (passthrough) or with fewer than two replicas, the order is unchanged.
+    ///
+    /// The ring is rebuilt per call: a handful of replicas costs a few hundred hashes, far
+    /// below the TLS handshake that precedes it, and needs no cache to invalidate when
+    /// replicas come and go.
+    pub fn order(&self, candidates: Vec<Candidate>, caller: Option<&str>) -> Vec<Candidate> {
+        let (Self::Affine { load_bound }, Some(caller)) = (*self, caller) else {
+            return candidates;
+        };
+        if candidates.len() < 2 {
+            return candidates;
+        }
+        let ring = Ring::new(&candidates.iter().map(|c| &*c.replica).collect::<Vec<_>>());
+        let loads: Vec<usize> = candidates.iter().map(Candidate::load).collect();
+        let mut slots: Vec<Option<Candidate>> = candidates.into_iter().map(Some).collect();
+        ring.order(caller, &loads, load_bound)
+            .into_iter()
+            .filter_map(|i| slots[i].take())
+            .collect()
+    }
+}
+
 /// Points per replica on the ring: enough that keys spread evenly over a handful of replicas.
 const POINTS_PER_REPLICA: u64 = 64;
 
@@ -229,5 +269,44 @@ mod tests {
         let ring = Ring::new::<String>(&[]);
         assert!(ring.is_empty());
         assert!(ring.order("x", &[], 1.25).is_empty());
+    }
+
+    #[test]
+    fn balance_orders_candidates_by_caller_and_by_load() {
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicUsize;
+
+        use crate::names::BackendAddr;
+
+        let loads: Vec<Arc<AtomicUsize>> = (0..3).map(|_| Arc::default()).collect();
+        let candidates = || -> Vec<Candidate> {
+            (0..3u16)
+                .map(|i| {
+                    let addr = BackendAddr(([127, 0, 0, 1], 2000 + i).into());
+                    Candidate::new(addr, format!("r{i}").into(), loads[i as usize].clone())
+                })
+                .collect()
+        };
+        let replicas = |list: Vec<Candidate>| -> Vec<String> {
+            list.iter().map(|c| c.replica.to_string()).collect()
+        };
+        let affine = Balance::Affine { load_bound: 1.25 };
+        let home = replicas(affine.order(candidates(), Some("ci/repo")));
+        assert_eq!(home.len(), 3, "every candidate is kept");
+        assert_eq!(home, replicas(affine.order(candidates(), Some("ci/repo"))));
+        // The list's order (least loaded first) does not change where a caller goes.
+        let mut reversed = candidates();
+        reversed.reverse();
+        assert_eq!(home, replicas(affine.order(reversed, Some("ci/repo"))));
+        // Home carries more than its share: the caller spills to the next on the ring.
+        let index = |name: &str| name[1..].parse::<usize>().unwrap();
+        loads[index(&home[0])].store(4, std::sync::atomic::Ordering::Relaxed);
+        let spilled = replicas(affine.order(candidates(), Some("ci/repo")));
+        assert_eq!(spilled[0], home[1]);
+        // Without an identity, or least loaded, the given order stands.
+        let given = replicas(candidates());
+        assert_eq!(given, replicas(affine.order(candidates(), None)));
+        let least = Balance::LeastLoaded;
+        assert_eq!(given, replicas(least.order(candidates(), Some("ci/repo"))));
     }
 }

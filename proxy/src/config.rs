@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::affinity::{Balance, DEFAULT_LOAD_BOUND};
 use crate::names::{BackendAddr, DEFAULT_NAMESPACE, PoolId};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:1235";
@@ -81,6 +82,9 @@ pub struct PoolConfig {
     /// Terminate mode: answer the HTTP/2 preface while a connection is held for a wake
     /// (`preface_while_waking`, on by default).
     pub preface_while_waking: bool,
+    /// How connections spread over the backends (`balance`, `load_bound`): cache-affine by
+    /// caller identity in terminate mode, least loaded in passthrough mode (no identity).
+    pub balance: Balance,
     /// mTLS towards the backend (terminate mode only); plaintext when absent.
     pub backend_tls: Option<BackendTls>,
 }
@@ -287,6 +291,49 @@ impl Faults {
     }
 
     /// A pool's `[pool.timeouts]` (connect, idle), each defaulting to the global one.
+    /// Cache-affine by default where the caller is known (terminate mode).
+    pub fn balance(
+        &mut self,
+        at: &str,
+        mode: Mode,
+        written: Option<BalanceMode>,
+        load_bound: Option<f64>,
+    ) -> Balance {
+        let written = written.unwrap_or(match mode {
+            Mode::Terminate => BalanceMode::Affine,
+            Mode::Passthrough => BalanceMode::LeastLoaded,
+        });
+        match (written, load_bound) {
+            (BalanceMode::Affine, _) if mode == Mode::Passthrough => {
+                self.add(
+                    format!("{at}.balance"),
+                    "affine needs the caller's identity, which passthrough mode never sees",
+                );
+                Balance::LeastLoaded
+            }
+            (BalanceMode::LeastLoaded, Some(_)) => {
+                self.add(
+                    format!("{at}.load_bound"),
+                    "only used with balance = \"affine\"",
+                );
+                Balance::LeastLoaded
+            }
+            (BalanceMode::LeastLoaded, None) => Balance::LeastLoaded,
+            (BalanceMode::Affine, bound) => {
+                let load_bound = bound.unwrap_or(DEFAULT_LOAD_BOUND);
+                if !(1.0..=100.0).contains(&load_bound) {
+                    self.add(
+                        format!("{at}.load_bound"),
+                        format!(
+                            "{load_bound} is not between 1.0 and 100.0 (times the average load)"
+                        ),
+                    );
+                }
+                Balance::Affine { load_bound }
+            }
+        }
+    }
+
     pub fn pool_timeouts(
         &mut self,
         at: &str,
@@ -360,6 +407,16 @@ struct RawPool {
     timeouts: RawPoolTimeouts,
     backend_tls: Option<RawBackendTls>,
     preface_while_waking: Option<bool>,
+    balance: Option<BalanceMode>,
+    load_bound: Option<f64>,
+}
+
+/// `balance` as written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BalanceMode {
+    Affine,
+    LeastLoaded,
 }
 
 /// `[pool.limits]` as written.
@@ -520,6 +577,9 @@ impl Validator<'_> {
                 "not possible in passthrough mode (the gateway cannot read the encrypted bytes)",
             );
         }
+        let balance = self
+            .faults
+            .balance(&pool_at, mode, raw.balance, raw.load_bound);
         let (connect_timeout, idle_timeout) =
             self.faults.pool_timeouts(&pool_at, &raw.timeouts, timeouts);
         PoolConfig {
@@ -534,6 +594,7 @@ impl Validator<'_> {
             idle_timeout,
             preface_while_waking: mode == Mode::Terminate
                 && raw.preface_while_waking != Some(false),
+            balance,
             backend_tls,
         }
     }
@@ -670,9 +731,60 @@ mod tests {
         assert_eq!(raw.idle_timeout, Duration::from_secs(300));
         assert_eq!(raw.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
         assert_eq!(raw.max_connections, Some(5));
+        assert_eq!(
+            raw.balance,
+            Balance::LeastLoaded,
+            "passthrough sees no identity"
+        );
+        assert!(!raw.preface_while_waking);
         let def = c.pool(&"local/default".parse().unwrap()).unwrap();
         assert_eq!(def.mode, Mode::Terminate);
         assert_eq!(def.backends.len(), 2);
+        let affine = Balance::Affine {
+            load_bound: DEFAULT_LOAD_BOUND,
+        };
+        assert_eq!(def.balance, affine, "terminate mode is cache-affine");
+        assert!(def.preface_while_waking);
+    }
+
+    #[test]
+    fn balance_is_chosen_per_pool_and_refused_where_it_cannot_work() {
+        let pool = |extra: &str| {
+            format!(
+                "[[server_cert]]\ncert = \"s\"\nkey = \"k\"\n[[pool]]\nname = \"a\"\n\
+                 client_ca = \"ca.pem\"\nbackends = [\"127.0.0.1:1\"]\n{extra}\n"
+            )
+        };
+        let balance = |extra: &str| parse(&pool(extra)).unwrap().pools[0].balance;
+        assert_eq!(balance("balance = \"least-loaded\""), Balance::LeastLoaded);
+        assert_eq!(
+            balance("balance = \"affine\"\nload_bound = 2.0"),
+            Balance::Affine { load_bound: 2.0 }
+        );
+        for (extra, path, words) in [
+            (
+                "load_bound = 0.5",
+                "pool[0].load_bound",
+                "between 1.0 and 100.0",
+            ),
+            (
+                "balance = \"least-loaded\"\nload_bound = 2.0",
+                "pool[0].load_bound",
+                "only used",
+            ),
+            (
+                "mode = \"passthrough\"\nbalance = \"affine\"",
+                "pool[0].balance",
+                "identity",
+            ),
+        ] {
+            let e = parse(&pool(extra)).unwrap_err();
+            let fault = e.0.iter().find(|f| f.path == path);
+            assert!(
+                fault.is_some_and(|f| f.message.contains(words)),
+                "{extra}: {e}"
+            );
+        }
     }
 
     #[test]

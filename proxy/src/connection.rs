@@ -203,7 +203,10 @@ async fn admit_and_connect<'g>(
         Box::pin(hold::wait(route.upstream.candidates(&activity), client)).await;
     gateway.metrics.held(&released);
     let candidates = match candidates {
-        Ok(candidates) => candidates,
+        // Ordered once the pool is awake, so a held caller reaches its own replica too.
+        Ok(candidates) => route
+            .balance
+            .order(candidates, identity.map(ClientIdentity::as_str)),
         Err(e) => {
             tracing::info!(%pool, %peer, error = %e, "no backend for connection");
             refuse(e.reason());

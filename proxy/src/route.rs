@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::activity::PoolActivity;
+use crate::affinity::Balance;
 use crate::config::{GatewayConfig, Mode, PoolConfig};
 use crate::names::{BackendAddr, PoolId};
 
@@ -38,6 +39,8 @@ pub struct PoolRoute {
     /// Terminate mode: answer the HTTP/2 preface while the connection is held for a wake, so
     /// the wake may outlast the client's connect deadline (see [`crate::hold`]).
     pub preface_while_waking: bool,
+    /// How connections spread over the pool's replicas.
+    pub balance: Balance,
     pub upstream: Arc<dyn Upstream>,
     /// mTLS towards the backend, when configured.
     pub backend_tls: Option<BackendTlsClient>,
@@ -82,6 +85,9 @@ impl RouteError {
 #[derive(Debug, Clone)]
 pub struct Candidate {
     pub addr: BackendAddr,
+    /// The replica's stable name (a local slot, a pod name with its StatefulSet ordinal): the
+    /// key cache-affine routing hashes, since a replica's address may change across sleeps.
+    pub replica: Arc<str>,
     load: Arc<AtomicUsize>,
 }
 
@@ -90,8 +96,12 @@ pub struct Candidate {
 pub struct BackendLoad(Arc<AtomicUsize>);
 
 impl Candidate {
-    pub fn new(addr: BackendAddr, load: Arc<AtomicUsize>) -> Self {
-        Self { addr, load }
+    pub fn new(addr: BackendAddr, replica: Arc<str>, load: Arc<AtomicUsize>) -> Self {
+        Self {
+            addr,
+            replica,
+            load,
+        }
     }
 
     /// Marks this backend as carrying one more connection.
@@ -134,7 +144,7 @@ impl StaticUpstream {
         Self {
             backends: addrs
                 .iter()
-                .map(|a| Candidate::new(*a, Arc::default()))
+                .map(|a| Candidate::new(*a, a.to_string().into(), Arc::default()))
                 .collect(),
         }
     }
@@ -208,6 +218,7 @@ impl PoolRoute {
             connect_timeout: pool.connect_timeout,
             idle_timeout: pool.idle_timeout,
             preface_while_waking: pool.preface_while_waking,
+            balance: pool.balance,
             upstream,
             backend_tls,
         }

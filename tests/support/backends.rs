@@ -62,6 +62,20 @@ pub async fn echo() -> Backend {
     .await
 }
 
+/// Says which backend it is (`name` and a newline), then echoes like [`echo`]: the test sees
+/// where the gateway sent each connection.
+pub async fn named(name: &'static str) -> Backend {
+    serve(move |mut tcp| async move {
+        if tcp.write_all(format!("{name}\n").as_bytes()).await.is_err() {
+            return;
+        }
+        let (mut r, mut w) = tcp.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+        let _ = w.shutdown().await;
+    })
+    .await
+}
+
 /// Reads until EOF, then answers `reply-to:<n bytes>` followed by `extra` bytes of pattern:
 /// an answer that only starts after the client half-closed.
 pub async fn answer_after_eof(extra: usize) -> Backend {

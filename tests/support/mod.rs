@@ -77,6 +77,13 @@ impl GatewayBuilder {
         self
     }
 
+    /// More backends for the last pool added.
+    pub fn and_backends(mut self, more: &[SocketAddr]) -> Self {
+        let last = self.pools.last_mut().expect("a pool to extend");
+        last.backends.extend_from_slice(more);
+        self
+    }
+
     /// Extra TOML lines for the last pool added (e.g. its `[pool.limits]`).
     pub fn with(mut self, toml: &str) -> Self {
         let last = self.pools.last_mut().expect("a pool to extend");

@@ -169,10 +169,13 @@ pub struct Scaling {
     #[serde(default = "default_min_up_after_wake")]
     #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h|d))+$"))]
     pub min_up_after_wake: String,
-    /// A held connection is refused when the pool is not ready within this.
-    #[serde(default = "default_wake_timeout")]
+    /// A held connection is refused when the pool is not ready within this. Unset: 5m where
+    /// the gateway answers the HTTP/2 preface while holding (terminate mode, the default), so
+    /// a wake may wait for a new node or an image pull; 15s otherwise, inside the 20 s a
+    /// BuildKit client waits for that preface.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h|d))+$"))]
-    pub wake_timeout: String,
+    pub wake_timeout: Option<String>,
     /// Connections held per gateway replica while the pool wakes.
     #[serde(default = "default_max_held")]
     #[schemars(range(min = 0, max = 10000))]
@@ -217,6 +220,28 @@ pub struct Gateway {
     #[serde(default)]
     #[schemars(range(min = 0, max = 1_000_000))]
     pub max_connections_per_identity: u32,
+    /// Terminate mode: answer the HTTP/2 preface while a connection is held for a wake, so
+    /// the wake may outlast the 20 s a BuildKit client waits for it (default true; passthrough
+    /// mode cannot read the encrypted bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preface_while_waking: Option<bool>,
+    /// How connections spread over replicas. Affine (the default in terminate mode): a caller
+    /// identity returns to its replica, and to the cache there, while that replica carries at
+    /// most `loadBound` times the average; a StatefulSet's ordinals keep their volumes across
+    /// sleeps. LeastLoaded (passthrough mode, which sees no identity): the replica with the
+    /// fewest connections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balance: Option<Balance>,
+    /// Affine balance: the most a replica carries, in multiples of the average (default 1.25).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1.0, max = 100.0))]
+    pub load_bound: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum Balance {
+    Affine,
+    LeastLoaded,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
@@ -316,7 +341,7 @@ impl Default for Scaling {
             max_replicas: default_max_replicas(),
             idle_after: default_idle_after(),
             min_up_after_wake: default_min_up_after_wake(),
-            wake_timeout: default_wake_timeout(),
+            wake_timeout: None,
             max_held: default_max_held(),
             target_connections_per_replica: default_target_connections(),
             warm_windows: Vec::new(),
@@ -346,9 +371,6 @@ fn default_idle_after() -> String {
 }
 fn default_min_up_after_wake() -> String {
     "2m".into()
-}
-fn default_wake_timeout() -> String {
-    "60s".into()
 }
 fn default_max_held() -> u32 {
     64

@@ -5,7 +5,7 @@
 use std::fmt;
 
 use super::duration;
-use super::spec::{AuthMode, BuildKitPoolSpec, WorkloadKind};
+use super::spec::{AuthMode, Balance, BuildKitPoolSpec, GatewayMode, WorkloadKind};
 
 /// One thing wrong with a spec, at a field path like `spec.scaling.minReplicas`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,7 +114,9 @@ fn scaling(spec: &BuildKitPoolSpec, faults: &mut Faults) {
     }
     faults.duration("scaling.idleAfter", &s.idle_after);
     faults.duration("scaling.minUpAfterWake", &s.min_up_after_wake);
-    faults.duration("scaling.wakeTimeout", &s.wake_timeout);
+    if let Some(wake_timeout) = &s.wake_timeout {
+        faults.duration("scaling.wakeTimeout", wake_timeout);
+    }
     for (i, window) in s.warm_windows.iter().enumerate() {
         let path = format!("scaling.warmWindows[{i}]");
         if let Err(message) = check_cron(&window.schedule) {
@@ -140,6 +142,24 @@ fn gateway(spec: &BuildKitPoolSpec, faults: &mut Faults) {
     if g.max_connections > 0 && g.max_connections_per_identity > g.max_connections {
         let message = "exceeds maxConnections";
         faults.push("gateway.maxConnectionsPerIdentity", message);
+    }
+    let passthrough = g.mode == GatewayMode::Passthrough;
+    if passthrough && g.preface_while_waking == Some(true) {
+        let message =
+            "not possible in passthrough mode (the gateway cannot read the encrypted bytes)";
+        faults.push("gateway.prefaceWhileWaking", message);
+    }
+    if passthrough && g.balance == Some(Balance::Affine) {
+        let message = "Affine needs the caller's identity, which passthrough mode never sees";
+        faults.push("gateway.balance", message);
+    }
+    if let Some(bound) = g.load_bound {
+        if g.balance == Some(Balance::LeastLoaded) || (passthrough && g.balance.is_none()) {
+            faults.push("gateway.loadBound", "only used with balance Affine");
+        } else if !(1.0..=100.0).contains(&bound) {
+            let message = format!("{bound} is not between 1.0 and 100.0 (times the average load)");
+            faults.push("gateway.loadBound", message);
+        }
     }
 }
 
@@ -305,5 +325,26 @@ mod tests {
         assert_eq!(paths(&spec), ["spec.auth.serviceAccounts[1]"]);
         spec.auth.mode = AuthMode::Rbac;
         assert_eq!(paths(&spec)[0], "spec.auth.serviceAccounts");
+    }
+
+    #[test]
+    fn passthrough_refuses_what_needs_the_decrypted_stream() {
+        let mut spec = BuildKitPoolSpec::default();
+        spec.gateway.load_bound = Some(3.0);
+        assert_eq!(validate(&spec), vec![], "affine is the terminate default");
+        spec.gateway.load_bound = Some(0.9);
+        assert_eq!(paths(&spec), ["spec.gateway.loadBound"]);
+        spec.gateway.mode = GatewayMode::Passthrough;
+        spec.gateway.load_bound = None;
+        spec.gateway.preface_while_waking = Some(true);
+        spec.gateway.balance = Some(Balance::Affine);
+        assert_eq!(
+            paths(&spec),
+            ["spec.gateway.prefaceWhileWaking", "spec.gateway.balance"]
+        );
+        spec.gateway.preface_while_waking = Some(false);
+        spec.gateway.balance = Some(Balance::LeastLoaded);
+        spec.gateway.load_bound = Some(2.0);
+        assert_eq!(paths(&spec), ["spec.gateway.loadBound"]);
     }
 }

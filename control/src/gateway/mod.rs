@@ -220,7 +220,8 @@ impl Feed {
             max_connections_per_identity: entry.max_connections_per_identity,
             connect_timeout: self.settings.connect_timeout,
             idle_timeout: self.settings.idle_timeout,
-            preface_while_waking: entry.mode == proxy::config::Mode::Terminate,
+            preface_while_waking: entry.preface_while_waking,
+            balance: entry.balance,
             upstream: Arc::new(PoolUpstream(state.clone())),
             backend_tls: entry.backend_tls.clone(),
         }

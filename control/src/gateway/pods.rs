@@ -36,9 +36,11 @@ fn address(pod: &Pod) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, BUILDKITD_PORT as u16))
 }
 
-/// Ready backends of every pool, by `namespace/name`.
-pub fn ready_by_pool(pods: &[Arc<Pod>]) -> HashMap<String, Vec<SocketAddr>> {
-    let mut by_pool: HashMap<String, Vec<SocketAddr>> = HashMap::new();
+/// Ready backends of every pool, by `namespace/name`: each pod's address and name (the
+/// stable replica key of cache-affine routing: a StatefulSet pod keeps its ordinal, and its
+/// cache volume, across sleeps while its IP changes).
+pub fn ready_by_pool(pods: &[Arc<Pod>]) -> HashMap<String, Vec<(SocketAddr, String)>> {
+    let mut by_pool: HashMap<String, Vec<(SocketAddr, String)>> = HashMap::new();
     for pod in pods.iter().filter(|p| serves(p)) {
         let (Some(pool), Some(ns), Some(addr)) =
             (pod.labels().get(POOL_LABEL), pod.namespace(), address(pod))
@@ -48,7 +50,7 @@ pub fn ready_by_pool(pods: &[Arc<Pod>]) -> HashMap<String, Vec<SocketAddr>> {
         by_pool
             .entry(format!("{ns}/{pool}"))
             .or_default()
-            .push(addr);
+            .push((addr, pod.name_any()));
     }
     by_pool
 }
@@ -62,7 +64,7 @@ mod tests {
     fn pod(ns: &str, pool: &str, ip: Option<&str>, ready: bool) -> Pod {
         let mut pod = Pod::default();
         pod.metadata.namespace = Some(ns.into());
-        pod.metadata.name = Some(format!("{pool}-x"));
+        pod.metadata.name = Some(format!("{pool}-{}", ip.unwrap_or("none")));
         pod.metadata.labels = Some([(POOL_LABEL.to_owned(), pool.to_owned())].into());
         pod.status = Some(PodStatus {
             pod_ip: ip.map(Into::into),
@@ -103,8 +105,12 @@ mod tests {
         .map(Arc::new)
         .collect();
         let by_pool = ready_by_pool(&pods);
-        assert_eq!(by_pool["ci/a"], ["10.0.0.5:1234".parse().unwrap()]);
-        assert_eq!(by_pool["dev/a"], ["10.0.1.5:1234".parse().unwrap()]);
+        let at = |ip: &str| -> SocketAddr { format!("{ip}:1234").parse().unwrap() };
+        assert_eq!(by_pool["ci/a"], [(at("10.0.0.5"), "a-10.0.0.5".to_owned())]);
+        assert_eq!(
+            by_pool["dev/a"],
+            [(at("10.0.1.5"), "a-10.0.1.5".to_owned())]
+        );
         assert!(!by_pool.contains_key("ci/b"));
     }
 }

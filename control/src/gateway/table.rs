@@ -6,10 +6,10 @@
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
+use proxy::affinity::{Balance, DEFAULT_LOAD_BOUND};
 use proxy::config::{Mode, normalize_hostname};
 use proxy::names::PoolId;
 use proxy::route::BackendTlsClient;
@@ -17,8 +17,9 @@ use proxy::tls::{self, ServerCert};
 use rustls::pki_types::{CertificateDer, ServerName};
 
 use super::upstream::Policy;
-use crate::crd::{BuildKitPool, GatewayMode, duration, validate};
+use crate::crd::{self, BuildKitPool, GatewayMode, duration, validate};
 use crate::operator::objects::PoolNames;
+use crate::scale::policy::{DEFAULT_WAKE_TIMEOUT, DEFAULT_WAKE_TIMEOUT_ANSWERED};
 
 /// A pool the gateway can route.
 #[derive(Clone)]
@@ -30,6 +31,8 @@ pub struct Entry {
     pub hostnames: Vec<String>,
     pub max_connections: Option<usize>,
     pub max_connections_per_identity: Option<usize>,
+    pub preface_while_waking: bool,
+    pub balance: Balance,
     pub policy: Policy,
     /// Terminate mode: the server certificate for the pool's names and its client CA bundle.
     pub server: Option<ServerMaterial>,
@@ -125,19 +128,36 @@ fn entry(
         ));
     }
     let spec = &pool.spec;
+    let mode = match spec.gateway.mode {
+        GatewayMode::Terminate => Mode::Terminate,
+        GatewayMode::Passthrough => Mode::Passthrough,
+    };
+    let preface_while_waking =
+        mode == Mode::Terminate && spec.gateway.preface_while_waking != Some(false);
     let policy = Policy {
-        wake_timeout: duration::parse(&spec.scaling.wake_timeout)
-            .unwrap_or(Duration::from_secs(60)),
+        wake_timeout: match &spec.scaling.wake_timeout {
+            Some(written) => duration::parse(written).unwrap_or(DEFAULT_WAKE_TIMEOUT),
+            None if preface_while_waking => DEFAULT_WAKE_TIMEOUT_ANSWERED,
+            None => DEFAULT_WAKE_TIMEOUT,
+        },
         max_held: spec.scaling.max_held as usize,
+    };
+    let balance = match (spec.gateway.balance, mode) {
+        (Some(crd::Balance::LeastLoaded), _) | (None, Mode::Passthrough) => Balance::LeastLoaded,
+        (Some(crd::Balance::Affine), _) | (None, Mode::Terminate) => Balance::Affine {
+            load_bound: spec.gateway.load_bound.unwrap_or(DEFAULT_LOAD_BOUND),
+        },
     };
     let limit = |n: u32| (n > 0).then_some(n as usize);
     let mut entry = Entry {
         pool: pool.clone(),
         id,
-        mode: Mode::Terminate,
+        mode,
         hostnames: Vec::new(),
         max_connections: limit(spec.gateway.max_connections),
         max_connections_per_identity: limit(spec.gateway.max_connections_per_identity),
+        preface_while_waking,
+        balance,
         policy,
         server: None,
         server_version: None,
@@ -145,7 +165,6 @@ fn entry(
     };
     match spec.gateway.mode {
         GatewayMode::Passthrough => {
-            entry.mode = Mode::Passthrough;
             entry.hostnames = passthrough_names(pool, &names, taken);
             if entry.hostnames.is_empty() {
                 return Err("every host name is routed to an older pool".into());
@@ -292,6 +311,7 @@ fn parse_backend(
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
+    use std::time::Duration;
 
     use k8s_openapi::ByteString;
     use serde_json::json;
@@ -395,6 +415,56 @@ mod tests {
             name,
             Some(ServerName::try_from("a-buildkitd.ci.svc").unwrap())
         );
+    }
+
+    #[test]
+    fn wake_timeout_and_balance_follow_what_the_mode_can_do() {
+        let pools = [
+            pool("ci", "a", json!({}), 1),
+            pool(
+                "ci",
+                "b",
+                json!({"gateway": {"prefaceWhileWaking": false,
+                "balance": "LeastLoaded"}}),
+                2,
+            ),
+            pool("ci", "c", json!({"gateway": {"mode": "passthrough"}}), 3),
+            pool(
+                "ci",
+                "d",
+                json!({"gateway": {"loadBound": 2.0},
+                "scaling": {"wakeTimeout": "45s"}}),
+                4,
+            ),
+        ];
+        let mut secrets = gateway_secrets("ci", "a", "1");
+        for name in ["b", "d"] {
+            secrets.extend(gateway_secrets("ci", name, "1"));
+        }
+        let plan = plan(&pools, lookup(&secrets), &mut ParsedSecrets::default());
+        let by_id: BTreeMap<&str, &Entry> =
+            plan.entries.iter().map(|e| (e.id.as_str(), e)).collect();
+        let seen = |id: &str| {
+            let e = by_id[id];
+            (e.preface_while_waking, e.policy.wake_timeout, e.balance)
+        };
+        let affine = |load_bound| Balance::Affine { load_bound };
+        // Answered while held: the wake may take minutes.
+        assert_eq!(
+            seen("ci/a"),
+            (true, DEFAULT_WAKE_TIMEOUT_ANSWERED, affine(1.25))
+        );
+        // Nobody answers the client: the wake must end inside its 20 s.
+        assert_eq!(
+            seen("ci/b"),
+            (false, DEFAULT_WAKE_TIMEOUT, Balance::LeastLoaded)
+        );
+        assert_eq!(
+            seen("ci/c"),
+            (false, DEFAULT_WAKE_TIMEOUT, Balance::LeastLoaded)
+        );
+        assert!(DEFAULT_WAKE_TIMEOUT < Duration::from_secs(20));
+        assert_eq!(seen("ci/d"), (true, Duration::from_secs(45), affine(2.0)));
     }
 
     #[test]

@@ -87,16 +87,18 @@ impl PoolState {
         *lock(&self.waker) = waker;
     }
 
-    /// Sets the ready backends. Returns whether they changed.
-    pub fn set_ready(&self, mut addrs: Vec<SocketAddr>) -> bool {
-        addrs.sort();
-        addrs.dedup();
+    /// Sets the ready backends: each pod's address and name. Returns whether they changed.
+    pub fn set_ready(&self, mut pods: Vec<(SocketAddr, String)>) -> bool {
+        pods.sort();
+        pods.dedup_by(|a, b| a.0 == b.0);
         let candidates: Vec<Candidate> = {
             let mut loads = lock(&self.loads);
-            loads.retain(|addr, _| addrs.contains(addr));
-            addrs
-                .iter()
-                .map(|a| Candidate::new(BackendAddr(*a), loads.entry(*a).or_default().clone()))
+            loads.retain(|addr, _| pods.iter().any(|(a, _)| a == addr));
+            pods.into_iter()
+                .map(|(a, name)| {
+                    let load = loads.entry(a).or_default().clone();
+                    Candidate::new(BackendAddr(a), name.into(), load)
+                })
                 .collect()
         };
         self.view.send_if_modified(|view| {
@@ -105,7 +107,7 @@ impl PoolState {
                     .ready
                     .iter()
                     .zip(&candidates)
-                    .all(|(a, b)| a.addr == b.addr);
+                    .all(|(a, b)| a.addr == b.addr && a.replica == b.replica);
             if !same {
                 view.ready = candidates;
             }
@@ -293,10 +295,14 @@ mod tests {
         SocketAddr::from(([10, 0, 0, n], 1234))
     }
 
+    fn pod(n: u8) -> (SocketAddr, String) {
+        (addr(n), format!("pool-{n}"))
+    }
+
     #[tokio::test]
     async fn a_ready_pool_serves_at_once_least_loaded_first() {
         let (state, waker) = pool(4, Duration::from_secs(1));
-        state.set_ready(vec![addr(2), addr(1)]);
+        state.set_ready(vec![pod(2), pod(1)]);
         let activity = Arc::new(PoolActivity::default());
         let upstream = PoolUpstream(state.clone());
         let first = upstream.candidates(&activity).await.unwrap();
@@ -305,7 +311,7 @@ mod tests {
         assert_ne!(first[0].addr, second[0].addr);
         assert_eq!(waker.0.load(Relaxed), 0);
         // Counters survive an update that keeps the pod.
-        state.set_ready(vec![addr(1), addr(2), addr(3)]);
+        state.set_ready(vec![pod(1), pod(2), pod(3)]);
         let loaded: Vec<usize> = state.view().ready.iter().map(Candidate::load).collect();
         assert_eq!(loaded.iter().sum::<usize>(), 1);
     }
@@ -328,7 +334,7 @@ mod tests {
             1,
             "one wake for every held connection"
         );
-        state.set_ready(vec![addr(1)]);
+        state.set_ready(vec![pod(1)]);
         for h in held {
             assert_eq!(h.await.unwrap().unwrap()[0].addr.0, addr(1));
         }
@@ -338,7 +344,7 @@ mod tests {
     #[tokio::test]
     async fn draining_holds_without_waking_until_the_mark_is_cleared() {
         let (state, waker) = pool(8, Duration::from_secs(5));
-        state.set_ready(vec![addr(1)]);
+        state.set_ready(vec![pod(1)]);
         state.set_draining(Some("2026-11-26T09:00:00Z"));
         let activity = Arc::new(PoolActivity::default());
         let held = tokio::spawn({

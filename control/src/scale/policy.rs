@@ -38,8 +38,13 @@ pub struct Settings {
 
 pub const DEFAULT_IDLE_AFTER: Duration = Duration::from_secs(10 * 60);
 pub const DEFAULT_MIN_UP_AFTER_WAKE: Duration = Duration::from_secs(60);
-/// BuildKit clients give up after about 20 s without the server's HTTP/2 preface.
-pub const DEFAULT_WAKE_TIMEOUT: Duration = Duration::from_secs(20);
+/// BuildKit clients give up about 20 s after connecting without the server's HTTP/2
+/// preface: a held connection nobody answers is refused before then, and the client is told
+/// why instead of timing out on its own.
+pub const DEFAULT_WAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// With the preface answered while held, the client waits as long as the wake takes: time for
+/// a new node and an image pull.
+pub const DEFAULT_WAKE_TIMEOUT_ANSWERED: Duration = Duration::from_secs(5 * 60);
 pub const DEFAULT_MAX_HELD: usize = 1_000;
 pub const DEFAULT_TARGET_CONNECTIONS: usize = 100;
 pub const DEFAULT_MAX_HELD_TOTAL: usize = 10_000;

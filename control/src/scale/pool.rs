@@ -176,7 +176,10 @@ impl PoolState {
         };
         list.sort_by_key(|r| r.load.load(Relaxed));
         list.iter()
-            .map(|r| Candidate::new(proxy::names::BackendAddr(r.started.addr), r.load.clone()))
+            .map(|r| {
+                let addr = proxy::names::BackendAddr(r.started.addr);
+                Candidate::new(addr, r.started.name.as_str().into(), r.load.clone())
+            })
             .collect()
     }
 }
