@@ -493,3 +493,117 @@ async fn metrics_are_valid_openmetrics_and_activity_is_json() {
     assert_eq!(gw.get("/healthz").await.0, 200);
     assert_eq!(gw.get("/readyz").await.0, 200);
 }
+
+/// A TLS 1.2-only client configuration for `client` whose session cache is kept across
+/// connections (as `openssl s_client -sess_out`/`-sess_in` keeps one in a file), so every
+/// connection after the first offers to resume.
+fn tls12_resuming(client: &control::pki::testing::TestClient) -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = rustls::pki_types::pem::PemObject::from_pem_slice(client.server_ca_pem.as_bytes());
+    roots.add(ca.unwrap()).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(client.chain_der(), client.key_der())
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Arc::new(config)
+}
+
+/// Connects with `config`, echoes one message, and says how the handshake went.
+async fn echo_once(
+    gw: &support::GatewayProcess,
+    config: &Arc<rustls::ClientConfig>,
+) -> std::io::Result<rustls::HandshakeKind> {
+    let tcp = tokio::net::TcpStream::connect(gw.listen).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(config.clone())
+        .connect(name, tcp)
+        .await?;
+    let kind = tls.get_ref().1.handshake_kind().unwrap();
+    tls.write_all(b"ping").await?;
+    let mut back = [0u8; 4];
+    tls.read_exact(&mut back).await?;
+    assert_eq!(&back, b"ping");
+    Ok(kind)
+}
+
+#[tokio::test]
+async fn a_tls12_session_is_never_resumed_so_an_expired_certificate_stays_out() {
+    use control::pki::IssueOptions;
+    use std::time::SystemTime;
+    let pki = pki();
+    let backend = backends::echo().await;
+    let gw = gateway(&pki).pool("a", backend.addr).start();
+    let now = SystemTime::now();
+    let expires = now + Duration::from_secs(5);
+    let window = IssueOptions::new().valid_between(now - Duration::from_secs(60), expires);
+    let brief = pki.client_with("a", "a", "brief", window);
+    let config = tls12_resuming(&brief);
+
+    let first = echo_once(&gw, &config).await.expect("served while valid");
+    assert_eq!(first, rustls::HandshakeKind::Full);
+    let second = echo_once(&gw, &config).await.expect("still valid");
+    assert_eq!(
+        second,
+        rustls::HandshakeKind::Full,
+        "the session offered for resumption is refused: every handshake verifies the certificate"
+    );
+
+    // Certificate times have one-second precision: wait until it is unambiguously expired.
+    let past = expires + Duration::from_millis(1500);
+    tokio::time::sleep(past.duration_since(SystemTime::now()).unwrap_or_default()).await;
+    let reason = [("pool", ""), ("reason", "cert_expired")];
+    let before = gw
+        .metric("bkpool_gateway_connections_rejected_total", &reason)
+        .await;
+    let after_expiry = echo_once(&gw, &config).await;
+    assert!(
+        after_expiry.is_err(),
+        "an expired certificate was served again: {after_expiry:?}"
+    );
+    gw.wait_metric(
+        "bkpool_gateway_connections_rejected_total",
+        &reason,
+        before + 1.0,
+    )
+    .await;
+    assert_eq!(
+        backend.accepted(),
+        2,
+        "nothing reached the backend after expiry"
+    );
+}
+
+#[tokio::test]
+async fn a_tls12_session_does_not_survive_a_rotation_that_drops_its_issuer() {
+    let pki = pki();
+    let backend = backends::echo().await;
+    let gw = gateway(&pki).pool("a", backend.addr).start();
+    let config = tls12_resuming(&pki.client("a", "alice"));
+    assert_eq!(
+        echo_once(&gw, &config).await.unwrap(),
+        rustls::HandshakeKind::Full
+    );
+
+    // The pool's client CA is replaced by one that did not issue alice's certificate.
+    let successor = control::pki::Ca::generate("successor", Duration::from_secs(3600)).unwrap();
+    std::fs::write(pki.client_ca_path("a"), successor.cert_pem()).unwrap();
+    gw.wait_metric(
+        "bkpool_gateway_credential_reloads_total",
+        &[("kind", "client_ca"), ("result", "ok")],
+        1.0,
+    )
+    .await;
+    let reason = [("pool", ""), ("reason", "cert_untrusted")];
+    let resumed = echo_once(&gw, &config).await;
+    assert!(
+        resumed.is_err(),
+        "a session from before the rotation was served: {resumed:?}"
+    );
+    gw.wait_metric("bkpool_gateway_connections_rejected_total", &reason, 1.0)
+        .await;
+    assert_eq!(backend.accepted(), 1);
+}

@@ -163,11 +163,15 @@ pub fn server_config(
     config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
     // Our preference, not the client's: AES-128-GCM with SHA-256 first (see server_provider).
     config.ignore_client_order = true;
-    // BuildKit's Go clients (grpc-go, buildx) keep no TLS session cache, so tickets would
-    // cost two encryptions and a cache insert per handshake for nothing.
+    // No session is ever resumed. A resumed session skips client certificate verification
+    // and restores the certificate of the session it resumes: its validity window and the
+    // pool's CA at that time. A certificate's short lifetime is the only revocation bkpool
+    // has, so every handshake must verify the certificate against the pool's current CAs.
+    // Nothing of value is lost: BuildKit's Go clients (grpc-go, buildx) keep no TLS session
+    // cache, so neither TLS 1.3 tickets nor TLS 1.2 session IDs would ever be used.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
-    // Each gateway is a fresh hop: tickets would only save the client's handshake to us, and
-    // stateless tickets would need key rotation across replicas. The stateful cache stays on.
+    // (The default ticketer issues no stateless tickets either; a test checks all three.)
     Ok(Arc::new(config))
 }
 
@@ -539,4 +543,66 @@ pub fn backend_client_config_from_pem(
         .map_err(|e| TlsError::Build(e.to_string()))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+
+    use super::*;
+
+    /// A self-signed CA valid from `from` until `until` (relative to now), as PEM, and its
+    /// issuer.
+    fn ca(name: &str, from: i64, until: i64) -> (String, Issuer<'static, KeyPair>) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        let now = SystemTime::now();
+        let at = |secs: i64| match secs {
+            s if s < 0 => now - Duration::from_secs(s.unsigned_abs()),
+            s => now + Duration::from_secs(s as u64),
+        };
+        params.not_before = at(from).into();
+        params.not_after = at(until).into();
+        let pem = params.self_signed(&key).unwrap().pem();
+        (pem, Issuer::new(params, key))
+    }
+
+    fn server_cert(issuer: &Issuer<'static, KeyPair>) -> ServerCert {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .signed_by(&key, issuer)
+            .unwrap();
+        let path = Path::new("server");
+        server_cert_from_pem(
+            cert.pem().as_bytes(),
+            path,
+            key.serialize_pem().as_bytes(),
+            path,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn the_terminate_configuration_never_resumes_a_session() {
+        let (_, issuer) = ca("server CA", -60, 3600);
+        let (client_ca, _) = ca("client CA", -60, 3600);
+        let cas = HashMap::from([(
+            "a".parse().unwrap(),
+            ca_bundle_from_pem(client_ca.as_bytes(), Path::new("ca")).unwrap(),
+        )]);
+        let config = server_config(&[server_cert(&issuer)], &cas).unwrap();
+        assert!(
+            !config.session_storage.can_cache(),
+            "TLS 1.2 session IDs and TLS 1.3 stateful tickets"
+        );
+        assert!(!config.ticketer.enabled(), "stateless tickets");
+        assert_eq!(config.send_tls13_tickets, 0);
+    }
 }
