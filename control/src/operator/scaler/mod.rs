@@ -58,7 +58,7 @@ use super::error::kube_reason;
 use super::metrics::{Direction, DrainResult, Metrics};
 use super::objects::{MANAGED_SELECTOR, POOL_LABEL, PoolNames};
 use super::watch::{self, Scope, Watched, api};
-use crate::crd::{BuildKitPool, WorkloadKind, duration, validate};
+use crate::crd::{BuildKitPool, WorkloadKind, duration, validate_pool};
 
 /// Where the gateways are and how the scaler paces itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -251,7 +251,7 @@ impl Scaler {
     }
 
     async fn pool_round(&self, pool: &BuildKitPool, seen: Option<Seen>, track: &mut PoolTrack) {
-        if !validate(&pool.spec).is_empty() {
+        if !validate_pool(pool).is_empty() {
             return; // the status reconciler reports why; nothing to scale
         }
         let now = Timestamp::now();
