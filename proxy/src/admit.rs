@@ -111,6 +111,8 @@ struct IdentityPermit {
 impl Drop for IdentityPermit {
     fn drop(&mut self) {
         drop(self.permit.take());
+        // Under the entry's lock, like every take: a newcomer either took its slot before
+        // (then the count is not zero and the entry stays) or finds no entry and starts one.
         self.admission
             .identities
             .remove_if(&self.key, |_, slots| slots.used() == 0);
@@ -166,13 +168,17 @@ impl Admission {
         let identity_permit = match (identity, identity_max) {
             (Some(identity), Some(max)) => {
                 let key = (pool.clone(), identity.clone());
-                let slots = self
+                // The slot is taken while the map entry is locked: the last permit's drop
+                // removes the entry under the same lock, and only when no slot is taken, so it
+                // never removes an entry between a lookup and a take (which would let the
+                // taker count on an orphan while a newcomer starts a fresh count).
+                let entry = self
                     .identities
                     .entry(key.clone())
-                    .or_insert_with(|| Slots::new(max))
-                    .clone();
-                slots.set_max(max);
-                let permit = slots.try_take().ok_or(Refused::IdentityLimit)?;
+                    .or_insert_with(|| Slots::new(max));
+                entry.set_max(max);
+                let permit = entry.try_take().ok_or(Refused::IdentityLimit)?;
+                drop(entry);
                 Some(IdentityPermit {
                     permit: Some(permit),
                     key,
@@ -271,5 +277,34 @@ mod tests {
             admission.enter(&pool, Some(&bob), Some(2), Some(1)).is_ok(),
             "the refused attempt released its pool slot"
         );
+    }
+
+    #[test]
+    fn the_last_permit_of_an_identity_never_races_a_new_one_past_the_limit() {
+        let admission = Admission::new(1000, 10);
+        let pool: PoolId = "a".parse().unwrap();
+        let alice = ClientIdentity::new("alice").unwrap();
+        let live = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let threads: Vec<_> = (0..64)
+            .map(|_| {
+                let (admission, pool, alice) = (admission.clone(), pool.clone(), alice.clone());
+                let (live, most) = (live.clone(), most.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..2_000 {
+                        let Ok(permit) = admission.enter(&pool, Some(&alice), None, Some(1)) else {
+                            continue;
+                        };
+                        let now = live.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(now, Ordering::SeqCst);
+                        live.fetch_sub(1, Ordering::SeqCst);
+                        drop(permit);
+                    }
+                })
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        assert_eq!(most.load(Ordering::SeqCst), 1, "live permits with max = 1");
+        assert_eq!(admission.tracked_identities(), 0);
     }
 }
