@@ -607,3 +607,40 @@ async fn a_tls12_session_does_not_survive_a_rotation_that_drops_its_issuer() {
         .await;
     assert_eq!(backend.accepted(), 1);
 }
+
+#[tokio::test]
+async fn a_connection_counts_as_open_while_its_backend_is_dialled() {
+    let pki = pki();
+    let backend = backends::unanswered();
+    let gw = gateway(&pki)
+        .pool("a", backend.addr)
+        .top("[timeouts]\nconnect = \"4s\"")
+        .start();
+    let client = pki.client("a", "alice");
+    let mut tls = gw.connect(&client).await.unwrap();
+    tls.write_all(b"ping").await.unwrap();
+    // Authenticated and routed, its backend still being dialled: the scaler must see it,
+    // or a drain could scale the pool to zero under it.
+    gw.wait_metric(
+        "bkpool_gateway_connections_open",
+        &[("pool", "local/a")],
+        1.0,
+    )
+    .await;
+    let (_, body) = gw.get("/activity").await;
+    let snapshot: proxy::activity::Snapshot = serde_json::from_str(&body).unwrap();
+    let a = snapshot.pools.iter().find(|p| p.pool == "local/a").unwrap();
+    assert_eq!(a.open, 1, "{a:?}");
+    gw.wait_metric(
+        "bkpool_gateway_connections_rejected_total",
+        &[("pool", "local/a"), ("reason", "backend_timeout")],
+        1.0,
+    )
+    .await;
+    gw.wait_metric(
+        "bkpool_gateway_connections_open",
+        &[("pool", "local/a")],
+        0.0,
+    )
+    .await;
+}

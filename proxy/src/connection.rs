@@ -162,6 +162,10 @@ async fn serve<'g, F, Fut>(
             return refuse(e.reason());
         }
     };
+    // Open from the moment it is routed, not once its backend answers: a dial may take the
+    // connect timeout for each candidate, longer than a drain's settle time, and a connection
+    // neither held nor open would let the scaler take the pool down under it.
+    let _open = activity.open();
     let Connected {
         tcp,
         addr,
@@ -173,7 +177,6 @@ async fn serve<'g, F, Fut>(
             return refuse(e.reason());
         }
     };
-    let _open = activity.open();
     let opened = Instant::now();
     tracing::debug!(%pool, %peer, identity = identity.map(ClientIdentity::as_str), backend = %addr, "relaying");
     let tally = gateway.activity.tally(activity.clone());
