@@ -644,3 +644,82 @@ async fn a_connection_counts_as_open_while_its_backend_is_dialled() {
     )
     .await;
 }
+
+/// The soft open-files limit of this process, from /proc/self/limits.
+fn open_files_limit() -> u64 {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    line.split_whitespace().nth(3).unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_trickling_sockets_from_one_source_do_not_stop_a_real_handshake() {
+    const TRICKLERS: usize = 1024;
+    // This process holds the trickling sockets (the gateway, its own process, raises its limit).
+    let limit = open_files_limit();
+    assert!(
+        limit >= TRICKLERS as u64 + 256,
+        "this test needs {} open files; the soft limit is {limit} (ulimit -n)",
+        TRICKLERS + 256
+    );
+    let pki = pki();
+    let backend = backends::echo().await;
+    let gw = gateway(&pki)
+        .pool("a", backend.addr)
+        .top("[timeouts]\nclient_hello = \"2s\"")
+        .start();
+    // Every socket from one address, each starting a TLS record it never finishes.
+    let mut sockets = Vec::with_capacity(TRICKLERS);
+    for _ in 0..TRICKLERS {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let mut tcp = socket.connect(gw.listen).await.unwrap();
+        tcp.write_all(&[0x16]).await.unwrap();
+        sockets.push(tcp);
+    }
+    let trickle = tokio::spawn(async move {
+        for byte in [0x03, 0x01, 0x02, 0x00]
+            .into_iter()
+            .chain(std::iter::repeat(0))
+        {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            for tcp in &mut sockets {
+                let _ = tcp.write_all(&[byte]).await;
+            }
+        }
+    });
+    // Past the per-source cap, the rest are refused at once, holding no global slot.
+    gw.wait_metric(
+        "bkpool_gateway_connections_rejected_total",
+        &[("pool", ""), ("reason", "handshake_source_limit")],
+        (TRICKLERS - 64) as f64,
+    )
+    .await;
+    let started = Instant::now();
+    let mut tls = tokio::time::timeout(
+        Duration::from_secs(5),
+        gw.connect(&pki.client("a", "alice")),
+    )
+    .await
+    .expect("handshake within 5 s")
+    .expect("a real client is served while the trickling sockets are open");
+    tls.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    tls.read_exact(&mut back).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(2), "served at once");
+    // The ones that got a slot are cut at the ClientHello deadline, trickling or not.
+    gw.wait_metric(
+        "bkpool_gateway_connections_rejected_total",
+        &[("pool", ""), ("reason", "client_hello_timeout")],
+        64.0,
+    )
+    .await;
+    assert_eq!(
+        gw.metric("bkpool_gateway_handshakes_in_flight", &[]).await,
+        0.0
+    );
+    trickle.abort();
+}

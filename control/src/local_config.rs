@@ -26,8 +26,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use proxy::config::{
-    CertFiles, ConfigErrors, Faults, GatewayConfig, Limits, Mode, PoolConfig, RawPoolLimits,
-    RawPoolTimeouts, RawTimeouts, Timeouts, from_toml, read_file,
+    CertFiles, ConfigErrors, Faults, GatewayConfig, Limits, Mode, PoolConfig, RawGatewayLimits,
+    RawPoolLimits, RawPoolTimeouts, RawTimeouts, Timeouts, from_toml, read_file,
 };
 use proxy::names::PoolId;
 use serde::Deserialize;
@@ -179,6 +179,7 @@ struct RawConfig {
 struct RawLimits {
     max_connections: Option<i64>,
     max_handshakes: Option<i64>,
+    max_handshakes_per_source: Option<i64>,
     max_held: Option<i64>,
 }
 
@@ -241,7 +242,11 @@ impl Validator {
     fn config(&mut self, raw: RawConfig) -> LocalConfig {
         let f = &mut self.faults;
         let (listen, admin) = f.listeners(raw.listen.as_deref(), raw.admin.as_deref());
-        let limits = f.limits(raw.limits.max_connections, raw.limits.max_handshakes);
+        let limits = f.limits(&RawGatewayLimits {
+            max_connections: raw.limits.max_connections,
+            max_handshakes: raw.limits.max_handshakes,
+            max_handshakes_per_source: raw.limits.max_handshakes_per_source,
+        });
         let max_held = f
             .count("limits.max_held", raw.limits.max_held)
             .unwrap_or(DEFAULT_MAX_HELD_TOTAL);

@@ -1,7 +1,9 @@
-//! Admission: connection slots (global, per pool, per identity) and the handshake cap, as RAII
-//! permits. A permit is moved into the connection task and released when it drops; nothing
-//! is ever decremented by hand.
+//! Admission: connection slots (global, per pool, per identity) and the handshake caps
+//! (global and per source address), as RAII permits. A permit is moved into the connection
+//! task and released when it drops; nothing is ever decremented by hand.
 
+use std::hash::Hash;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -16,6 +18,8 @@ pub enum Refused {
     GlobalLimit,
     #[error("too many TLS handshakes in flight")]
     HandshakeLimit,
+    #[error("too many TLS handshakes in flight from this source address")]
+    HandshakeSourceLimit,
     #[error("the pool's connection limit is reached")]
     PoolLimit,
     #[error("this identity's connection limit for the pool is reached")]
@@ -27,6 +31,7 @@ impl Refused {
         match self {
             Self::GlobalLimit => "global_limit",
             Self::HandshakeLimit => "handshake_limit",
+            Self::HandshakeSourceLimit => "handshake_source_limit",
             Self::PoolLimit => "pool_limit",
             Self::IdentityLimit => "identity_limit",
         }
@@ -83,58 +88,123 @@ impl Drop for Permit {
     }
 }
 
+/// Slots counted per key (an identity, a source address), each key's entry dropped with its
+/// last permit so the map does not grow with every key ever seen.
+#[derive(Debug)]
+pub struct KeyedSlots<K: Eq + Hash>(Arc<DashMap<K, Arc<Slots>>>);
+
+/// One slot of a [`KeyedSlots`]; released, and the key forgotten if it was the last, on drop.
+#[derive(Debug)]
+pub struct KeyedPermit<K: Eq + Hash> {
+    permit: Option<Permit>,
+    key: K,
+    map: Arc<DashMap<K, Arc<Slots>>>,
+}
+
+impl<K: Eq + Hash + Clone> KeyedSlots<K> {
+    pub fn new() -> Self {
+        Self(Arc::new(DashMap::new()))
+    }
+
+    /// Takes one of `key`'s `max` slots, if one is free.
+    pub fn try_take(&self, key: &K, max: usize) -> Option<KeyedPermit<K>> {
+        // The slot is taken while the map entry is locked: the last permit's drop removes the
+        // entry under the same lock, and only when no slot is taken, so it never removes an
+        // entry between a lookup and a take (which would let the taker count on an orphan
+        // while a newcomer starts a fresh count).
+        let entry = self.0.entry(key.clone()).or_insert_with(|| Slots::new(max));
+        entry.set_max(max);
+        let permit = entry.try_take()?;
+        drop(entry);
+        Some(KeyedPermit {
+            permit: Some(permit),
+            key: key.clone(),
+            map: self.0.clone(),
+        })
+    }
+
+    /// How many keys hold a slot now.
+    pub fn keys(&self) -> usize {
+        self.0.len()
+    }
+}
+
+impl<K: Eq + Hash + Clone> Default for KeyedSlots<K> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<K: Eq + Hash> Drop for KeyedPermit<K> {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        // Under the entry's lock, like every take: a newcomer either took its slot before
+        // (then the count is not zero and the entry stays) or finds no entry and starts one.
+        self.map.remove_if(&self.key, |_, slots| slots.used() == 0);
+    }
+}
+
 /// The gateway's admission state.
 #[derive(Debug)]
 pub struct Admission {
     connections: Arc<Slots>,
     handshakes: Arc<Slots>,
+    /// Handshakes in flight per source address, so one client cannot take every slot.
+    handshake_sources: KeyedSlots<IpAddr>,
+    max_handshakes_per_source: AtomicUsize,
     pools: DashMap<PoolId, Arc<Slots>>,
-    identities: DashMap<(PoolId, ClientIdentity), Arc<Slots>>,
+    identities: KeyedSlots<(PoolId, ClientIdentity)>,
 }
 
 /// What an admitted, authenticated connection holds until it closes.
 #[derive(Debug)]
 pub struct PoolPermit {
     _pool: Option<Permit>,
-    _identity: Option<IdentityPermit>,
+    _identity: Option<KeyedPermit<(PoolId, ClientIdentity)>>,
 }
 
-/// An identity's slot; the identity's entry is removed when its last connection closes, so
-/// the map does not grow with every caller ever seen.
+/// A handshake's place under the global and the per-source caps.
 #[derive(Debug)]
-struct IdentityPermit {
-    permit: Option<Permit>,
-    key: (PoolId, ClientIdentity),
-    admission: Arc<Admission>,
-}
-
-impl Drop for IdentityPermit {
-    fn drop(&mut self) {
-        drop(self.permit.take());
-        // Under the entry's lock, like every take: a newcomer either took its slot before
-        // (then the count is not zero and the entry stays) or finds no entry and starts one.
-        self.admission
-            .identities
-            .remove_if(&self.key, |_, slots| slots.used() == 0);
-    }
+pub struct HandshakePermit {
+    _global: Permit,
+    _source: KeyedPermit<IpAddr>,
 }
 
 impl Admission {
+    /// Admission with these global caps; handshakes per source are not capped below
+    /// `max_handshakes` until [`Admission::set_max_handshakes_per_source`] says so.
     pub fn new(max_connections: usize, max_handshakes: usize) -> Arc<Self> {
         Arc::new(Self {
             connections: Slots::new(max_connections),
             handshakes: Slots::new(max_handshakes),
+            handshake_sources: KeyedSlots::new(),
+            max_handshakes_per_source: AtomicUsize::new(max_handshakes),
             pools: DashMap::new(),
-            identities: DashMap::new(),
+            identities: KeyedSlots::new(),
         })
+    }
+
+    pub fn set_max_handshakes_per_source(&self, max: usize) {
+        self.max_handshakes_per_source.store(max, Ordering::Relaxed);
     }
 
     pub fn connection(&self) -> Result<Permit, Refused> {
         self.connections.try_take().ok_or(Refused::GlobalLimit)
     }
 
-    pub fn handshake(&self) -> Result<Permit, Refused> {
-        self.handshakes.try_take().ok_or(Refused::HandshakeLimit)
+    /// A handshake slot for a connection from `source`: the source's own cap first, so a
+    /// source at its cap never holds a global slot, then the global one.
+    pub fn handshake(&self, source: IpAddr) -> Result<HandshakePermit, Refused> {
+        let per_source = self.max_handshakes_per_source.load(Ordering::Relaxed);
+        let source = self
+            .handshake_sources
+            .try_take(&source, per_source)
+            .ok_or(Refused::HandshakeSourceLimit)?;
+        let global = self.handshakes.try_take().ok_or(Refused::HandshakeLimit)?;
+        Ok(HandshakePermit {
+            _global: global,
+            _source: source,
+        })
     }
 
     pub fn handshakes_in_flight(&self) -> usize {
@@ -147,7 +217,7 @@ impl Admission {
 
     /// Admits an authenticated connection to `pool` under the pool's and the identity's limits.
     pub fn enter(
-        self: &Arc<Self>,
+        &self,
         pool: &PoolId,
         identity: Option<&ClientIdentity>,
         pool_max: Option<usize>,
@@ -168,22 +238,8 @@ impl Admission {
         let identity_permit = match (identity, identity_max) {
             (Some(identity), Some(max)) => {
                 let key = (pool.clone(), identity.clone());
-                // The slot is taken while the map entry is locked: the last permit's drop
-                // removes the entry under the same lock, and only when no slot is taken, so it
-                // never removes an entry between a lookup and a take (which would let the
-                // taker count on an orphan while a newcomer starts a fresh count).
-                let entry = self
-                    .identities
-                    .entry(key.clone())
-                    .or_insert_with(|| Slots::new(max));
-                entry.set_max(max);
-                let permit = entry.try_take().ok_or(Refused::IdentityLimit)?;
-                drop(entry);
-                Some(IdentityPermit {
-                    permit: Some(permit),
-                    key,
-                    admission: self.clone(),
-                })
+                let permit = self.identities.try_take(&key, max);
+                Some(permit.ok_or(Refused::IdentityLimit)?)
             }
             _ => None,
         };
@@ -199,7 +255,12 @@ impl Admission {
     }
 
     pub fn tracked_identities(&self) -> usize {
-        self.identities.len()
+        self.identities.keys()
+    }
+
+    /// Source addresses with a handshake in flight.
+    pub fn handshake_sources(&self) -> usize {
+        self.handshake_sources.keys()
     }
 }
 
@@ -277,6 +338,32 @@ mod tests {
             admission.enter(&pool, Some(&bob), Some(2), Some(1)).is_ok(),
             "the refused attempt released its pool slot"
         );
+    }
+
+    #[test]
+    fn one_source_cannot_take_every_handshake_slot() {
+        let admission = Admission::new(100, 4);
+        admission.set_max_handshakes_per_source(2);
+        let (busy, other): (IpAddr, IpAddr) =
+            ("127.0.0.2".parse().unwrap(), "127.0.0.1".parse().unwrap());
+        let held: Vec<_> = (0..2).map(|_| admission.handshake(busy).unwrap()).collect();
+        assert_eq!(
+            admission.handshake(busy).unwrap_err(),
+            Refused::HandshakeSourceLimit
+        );
+        assert_eq!(
+            admission.handshakes_in_flight(),
+            2,
+            "a refusal holds no global slot"
+        );
+        let _mine = admission.handshake(other).unwrap();
+        drop(held);
+        assert_eq!(
+            admission.handshake_sources(),
+            1,
+            "sources are forgotten when idle"
+        );
+        assert!(admission.handshake(busy).is_ok());
     }
 
     #[test]

@@ -16,7 +16,13 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:1235";
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:9235";
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_MAX_HANDSHAKES: usize = 1_024;
+/// Handshakes in flight from one source address: far above what one client (even a CI fleet
+/// behind one NAT address) needs, far below the global cap.
+pub const DEFAULT_MAX_HANDSHAKES_PER_SOURCE: usize = 64;
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client sends its ClientHello as soon as it connects: one that has not arrived whole by
+/// then is a slow or idle socket holding a handshake slot.
+pub const DEFAULT_CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(3);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// A BuildKit `RUN` step can keep a session silent for a long time.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(2 * 60 * 60);
@@ -40,10 +46,22 @@ pub struct Limits {
     pub max_connections: usize,
     /// TLS handshakes (or ClientHello reads) in flight at once.
     pub max_handshakes: usize,
+    /// Handshakes in flight from one source address.
+    pub max_handshakes_per_source: usize,
+}
+
+/// The gateway's `[limits]` as written, whichever configuration it comes from.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawGatewayLimits {
+    pub max_connections: Option<i64>,
+    pub max_handshakes: Option<i64>,
+    pub max_handshakes_per_source: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
+    /// From accept to a complete ClientHello (within the handshake timeout).
+    pub client_hello: Duration,
     pub handshake: Duration,
     pub connect: Duration,
     pub idle: Duration,
@@ -142,6 +160,7 @@ impl Default for Limits {
         Self {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            max_handshakes_per_source: DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
         }
     }
 }
@@ -149,6 +168,7 @@ impl Default for Limits {
 impl Default for Timeouts {
     fn default() -> Self {
         Self {
+            client_hello: DEFAULT_CLIENT_HELLO_TIMEOUT,
             handshake: DEFAULT_HANDSHAKE_TIMEOUT,
             connect: DEFAULT_CONNECT_TIMEOUT,
             idle: DEFAULT_IDLE_TIMEOUT,
@@ -236,16 +256,34 @@ impl Faults {
     }
 
     /// `[limits]`: global connection and handshake caps.
-    pub fn limits(&mut self, max_connections: Option<i64>, max_handshakes: Option<i64>) -> Limits {
+    pub fn limits(&mut self, raw: &RawGatewayLimits) -> Limits {
         let d = Limits::default();
-        Limits {
+        let limits = Limits {
             max_connections: self
-                .count("limits.max_connections", max_connections)
+                .count("limits.max_connections", raw.max_connections)
                 .unwrap_or(d.max_connections),
             max_handshakes: self
-                .count("limits.max_handshakes", max_handshakes)
+                .count("limits.max_handshakes", raw.max_handshakes)
                 .unwrap_or(d.max_handshakes),
+            max_handshakes_per_source: self
+                .count(
+                    "limits.max_handshakes_per_source",
+                    raw.max_handshakes_per_source,
+                )
+                .unwrap_or(d.max_handshakes_per_source),
+        };
+        if raw.max_handshakes_per_source.is_some()
+            && limits.max_handshakes_per_source > limits.max_handshakes
+        {
+            self.add(
+                "limits.max_handshakes_per_source",
+                format!(
+                    "{} exceeds max_handshakes {}",
+                    limits.max_handshakes_per_source, limits.max_handshakes
+                ),
+            );
         }
+        limits
     }
 
     /// A duration longer than zero; `default` when not given.
@@ -268,6 +306,11 @@ impl Faults {
     pub fn timeouts(&mut self, raw: &RawTimeouts) -> Timeouts {
         let d = Timeouts::default();
         Timeouts {
+            client_hello: self.duration(
+                "timeouts.client_hello",
+                raw.client_hello.as_deref(),
+                d.client_hello,
+            ),
             handshake: self.duration("timeouts.handshake", raw.handshake.as_deref(), d.handshake),
             connect: self.duration("timeouts.connect", raw.connect.as_deref(), d.connect),
             idle: self.duration("timeouts.idle", raw.idle.as_deref(), d.idle),
@@ -321,12 +364,24 @@ struct RawConfig {
 struct RawLimits {
     max_connections: Option<i64>,
     max_handshakes: Option<i64>,
+    max_handshakes_per_source: Option<i64>,
+}
+
+impl RawLimits {
+    fn gateway(&self) -> RawGatewayLimits {
+        RawGatewayLimits {
+            max_connections: self.max_connections,
+            max_handshakes: self.max_handshakes,
+            max_handshakes_per_source: self.max_handshakes_per_source,
+        }
+    }
 }
 
 /// `[timeouts]` as written: shared by every bkpool configuration with a gateway in it.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RawTimeouts {
+    pub client_hello: Option<String>,
     pub handshake: Option<String>,
     pub connect: Option<String>,
     pub idle: Option<String>,
@@ -394,7 +449,7 @@ impl Validator<'_> {
     fn config(&mut self, raw: RawConfig) -> GatewayConfig {
         let f = &mut self.faults;
         let (listen, admin) = f.listeners(raw.listen.as_deref(), raw.admin.as_deref());
-        let limits = f.limits(raw.limits.max_connections, raw.limits.max_handshakes);
+        let limits = f.limits(&raw.limits.gateway());
         let timeouts = f.timeouts(&raw.timeouts);
         let server_certs = raw
             .server_cert

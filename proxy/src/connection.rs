@@ -29,19 +29,23 @@ pub async fn handle(gateway: &Arc<Gateway>, tcp: TcpStream, peer: SocketAddr, _s
     if let Err(e) = relay::tune(&tcp) {
         tracing::debug!(error = %e, "socket options not set");
     }
-    let Ok(handshake_permit) = gateway.admission.handshake() else {
-        gateway
-            .metrics
-            .rejected(None, crate::admit::Refused::HandshakeLimit.reason());
-        return;
+    let handshake_permit = match gateway.admission.handshake(peer.ip()) {
+        Ok(permit) => permit,
+        Err(refused) => return gateway.metrics.rejected(None, refused.reason()),
     };
     let routes = gateway.routes.load_full();
     let started = Instant::now();
+    let limits = &gateway.settings;
     let accepted = tokio::time::timeout(
-        gateway.settings.handshake_timeout,
+        limits.handshake_timeout,
         // Boxed: the handshake's state is large and short-lived; inline it would stay in
         // every connection task's allocation for the connection's whole life.
-        Box::pin(handshake::accept(tcp, &routes, gateway.tls.load_full())),
+        Box::pin(handshake::accept(
+            tcp,
+            &routes,
+            gateway.tls.load_full(),
+            limits.client_hello_timeout,
+        )),
     )
     .await;
     drop(handshake_permit);

@@ -25,6 +25,9 @@ use crate::route::Routes;
 pub struct Settings {
     pub max_connections: usize,
     pub max_handshakes: usize,
+    pub max_handshakes_per_source: usize,
+    /// From accept to a complete ClientHello; the handshake timeout bounds the rest.
+    pub client_hello_timeout: Duration,
     pub handshake_timeout: Duration,
     pub drain_timeout: Duration,
 }
@@ -53,6 +56,7 @@ impl Gateway {
         registry: &mut Registry,
     ) -> Arc<Self> {
         let admission = Admission::new(settings.max_connections, settings.max_handshakes);
+        admission.set_max_handshakes_per_source(settings.max_handshakes_per_source);
         let activity = Arc::new(Activity::default());
         let metrics = Metrics::register(registry, activity.clone(), admission.clone());
         Arc::new(Self {

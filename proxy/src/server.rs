@@ -95,6 +95,8 @@ pub async fn start(config: &GatewayConfig, options: Options) -> Result<Running, 
     let settings = Settings {
         max_connections,
         max_handshakes: config.limits.max_handshakes,
+        max_handshakes_per_source: config.limits.max_handshakes_per_source,
+        client_hello_timeout: config.timeouts.client_hello,
         handshake_timeout: config.timeouts.handshake,
         drain_timeout: config.timeouts.drain,
     };
