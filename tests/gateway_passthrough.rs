@@ -217,3 +217,30 @@ async fn a_gibibyte_through_the_splice_path_arrives_intact() {
         "only {spliced} bytes spliced"
     );
 }
+
+#[tokio::test]
+async fn buffered_client_hellos_are_bounded_by_their_memory_budget() {
+    let pki = Arc::new(TestPki::new().pool("a").server_name("builds.example"));
+    // A backend whose dial hangs: each ClientHello stays buffered until the dial gives up.
+    let backend = backends::unanswered();
+    let gw = gateway(&pki)
+        .top("[limits]\nmax_client_hello_bytes = 17408\n[timeouts]\nconnect = \"3s\"")
+        .passthrough("a", "builds.example", backend.addr)
+        .start();
+    let hello = client_hello(&pki, "builds.example");
+    let fits = 17408 / hello.len();
+    let mut clients = Vec::new();
+    for _ in 0..fits + 3 {
+        let mut tcp = TcpStream::connect(gw.listen).await.unwrap();
+        tcp.write_all(&hello).await.unwrap();
+        clients.push(tcp);
+    }
+    let refused = [("pool", "local/a"), ("reason", "client_hello_memory")];
+    gw.wait_metric("bkpool_gateway_connections_rejected_total", &refused, 3.0)
+        .await;
+    let buffered = gw.metric("bkpool_gateway_client_hello_bytes", &[]).await;
+    assert_eq!(buffered, (fits * hello.len()) as f64);
+    // Given back when the connections end.
+    gw.wait_metric("bkpool_gateway_client_hello_bytes", &[], 0.0)
+        .await;
+}

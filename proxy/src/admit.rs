@@ -1,6 +1,8 @@
-//! Admission: connection slots (global, per pool, per identity) and the handshake caps
-//! (global and per source address), as RAII permits. A permit is moved into the connection
-//! task and released when it drops; nothing is ever decremented by hand.
+//! Admission: connection slots (global, per pool, per identity), the handshake caps (global
+//! and per source address), the limits on connections held for a wake (per source address,
+//! and per pool for connections the gateway cannot authenticate) and the memory budget of
+//! buffered ClientHellos, all as RAII permits. A permit is moved into the connection task and
+//! released when it drops; nothing is ever decremented by hand.
 
 use std::hash::Hash;
 use std::net::IpAddr;
@@ -24,6 +26,12 @@ pub enum Refused {
     PoolLimit,
     #[error("this identity's connection limit for the pool is reached")]
     IdentityLimit,
+    #[error("too many connections from this source address are held for a wake")]
+    HoldSourceLimit,
+    #[error("too many unauthenticated connections are held for this pool's wake")]
+    UnauthenticatedHoldLimit,
+    #[error("the memory for buffered ClientHellos is used up")]
+    ClientHelloMemory,
 }
 
 impl Refused {
@@ -34,6 +42,9 @@ impl Refused {
             Self::HandshakeSourceLimit => "handshake_source_limit",
             Self::PoolLimit => "pool_limit",
             Self::IdentityLimit => "identity_limit",
+            Self::HoldSourceLimit => "hold_source_limit",
+            Self::UnauthenticatedHoldLimit => "hold_unauthenticated_limit",
+            Self::ClientHelloMemory => "client_hello_memory",
         }
     }
 }
@@ -144,6 +155,73 @@ impl<K: Eq + Hash> Drop for KeyedPermit<K> {
     }
 }
 
+/// A budget of bytes, taken and given back in amounts.
+#[derive(Debug)]
+pub struct Bytes {
+    used: AtomicUsize,
+    max: AtomicUsize,
+}
+
+/// Bytes of a [`Bytes`] budget; given back on drop.
+#[derive(Debug)]
+pub struct BytesPermit {
+    budget: Arc<Bytes>,
+    bytes: usize,
+}
+
+impl Bytes {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            used: AtomicUsize::new(0),
+            max: AtomicUsize::new(max),
+        })
+    }
+
+    /// Takes `bytes` if they fit.
+    pub fn try_take(self: &Arc<Self>, bytes: usize) -> Option<BytesPermit> {
+        let max = self.max.load(Ordering::Relaxed);
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |used| {
+                (used + bytes <= max).then_some(used + bytes)
+            })
+            .ok()
+            .map(|_| BytesPermit {
+                budget: self.clone(),
+                bytes,
+            })
+    }
+
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
+    }
+}
+
+impl Drop for BytesPermit {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
+/// Limits on connections held while their pool wakes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HoldLimits {
+    /// Held connections from one source address, all pools together.
+    pub per_source: usize,
+    /// Held connections of one pool that the gateway could not authenticate (passthrough).
+    pub unauthenticated_per_pool: usize,
+}
+
+/// A held connection's place under the [`HoldLimits`].
+#[derive(Debug)]
+pub struct HoldPermit {
+    _source: KeyedPermit<IpAddr>,
+    _unauthenticated: Option<KeyedPermit<PoolId>>,
+}
+
 /// The gateway's admission state.
 #[derive(Debug)]
 pub struct Admission {
@@ -154,6 +232,11 @@ pub struct Admission {
     max_handshakes_per_source: AtomicUsize,
     pools: DashMap<PoolId, Arc<Slots>>,
     identities: KeyedSlots<(PoolId, ClientIdentity)>,
+    held_sources: KeyedSlots<IpAddr>,
+    held_unauthenticated: KeyedSlots<PoolId>,
+    hold_limits: std::sync::Mutex<HoldLimits>,
+    /// ClientHellos kept to be replayed to a passthrough backend.
+    client_hellos: Arc<Bytes>,
 }
 
 /// What an admitted, authenticated connection holds until it closes.
@@ -181,7 +264,62 @@ impl Admission {
             max_handshakes_per_source: AtomicUsize::new(max_handshakes),
             pools: DashMap::new(),
             identities: KeyedSlots::new(),
+            held_sources: KeyedSlots::new(),
+            held_unauthenticated: KeyedSlots::new(),
+            hold_limits: std::sync::Mutex::new(HoldLimits {
+                per_source: usize::MAX,
+                unauthenticated_per_pool: usize::MAX,
+            }),
+            client_hellos: Bytes::new(usize::MAX),
         })
+    }
+
+    pub fn set_hold_limits(&self, limits: HoldLimits) {
+        *self.hold_limits.lock().unwrap_or_else(|e| e.into_inner()) = limits;
+    }
+
+    pub fn set_max_client_hello_bytes(&self, max: usize) {
+        self.client_hellos.set_max(max);
+    }
+
+    /// A place for a connection from `source` held while `pool` wakes. A connection the
+    /// gateway could not authenticate also takes one of the pool's small budget for those:
+    /// it may be anyone, and must not fill the hold queue that authenticated callers need.
+    pub fn hold(
+        &self,
+        pool: &PoolId,
+        source: IpAddr,
+        authenticated: bool,
+    ) -> Result<HoldPermit, Refused> {
+        let limits = *self.hold_limits.lock().unwrap_or_else(|e| e.into_inner());
+        let unauthenticated = match authenticated {
+            true => None,
+            false => Some(
+                self.held_unauthenticated
+                    .try_take(pool, limits.unauthenticated_per_pool)
+                    .ok_or(Refused::UnauthenticatedHoldLimit)?,
+            ),
+        };
+        let source = self
+            .held_sources
+            .try_take(&source, limits.per_source)
+            .ok_or(Refused::HoldSourceLimit)?;
+        Ok(HoldPermit {
+            _source: source,
+            _unauthenticated: unauthenticated,
+        })
+    }
+
+    /// Room for a ClientHello of `bytes` kept until it is replayed to the backend.
+    pub fn buffer_client_hello(&self, bytes: usize) -> Result<BytesPermit, Refused> {
+        self.client_hellos
+            .try_take(bytes)
+            .ok_or(Refused::ClientHelloMemory)
+    }
+
+    /// Bytes of ClientHellos buffered now.
+    pub fn client_hello_bytes(&self) -> usize {
+        self.client_hellos.used()
     }
 
     pub fn set_max_handshakes_per_source(&self, max: usize) {
@@ -364,6 +502,51 @@ mod tests {
             "sources are forgotten when idle"
         );
         assert!(admission.handshake(busy).is_ok());
+    }
+
+    #[test]
+    fn held_connections_are_capped_per_source_and_unauthenticated_ones_per_pool() {
+        let admission = Admission::new(100, 10);
+        admission.set_hold_limits(HoldLimits {
+            per_source: 3,
+            unauthenticated_per_pool: 2,
+        });
+        let (a, b): (PoolId, PoolId) = ("a".parse().unwrap(), "b".parse().unwrap());
+        let (one, two): (IpAddr, IpAddr) =
+            ("127.0.0.2".parse().unwrap(), "127.0.0.3".parse().unwrap());
+        let anon: Vec<_> = (0..2)
+            .map(|_| admission.hold(&a, one, false).unwrap())
+            .collect();
+        assert_eq!(
+            admission.hold(&a, two, false).unwrap_err(),
+            Refused::UnauthenticatedHoldLimit,
+            "the pool's budget is for every source together"
+        );
+        let _other_pool = admission.hold(&b, two, false).unwrap();
+        let _authenticated = admission.hold(&a, one, true).unwrap();
+        assert_eq!(
+            admission.hold(&a, one, true).unwrap_err(),
+            Refused::HoldSourceLimit,
+            "three held from one source already"
+        );
+        let _from_elsewhere = admission.hold(&a, two, true).unwrap();
+        drop(anon);
+        assert!(admission.hold(&a, one, false).is_ok());
+    }
+
+    #[test]
+    fn client_hellos_take_their_bytes_from_one_budget() {
+        let admission = Admission::new(100, 10);
+        admission.set_max_client_hello_bytes(4096);
+        let first = admission.buffer_client_hello(3000).unwrap();
+        assert_eq!(
+            admission.buffer_client_hello(2000).unwrap_err(),
+            Refused::ClientHelloMemory
+        );
+        let _second = admission.buffer_client_hello(1000).unwrap();
+        assert_eq!(admission.client_hello_bytes(), 4000);
+        drop(first);
+        assert!(admission.buffer_client_hello(2000).is_ok());
     }
 
     #[test]

@@ -19,6 +19,14 @@ pub const DEFAULT_MAX_HANDSHAKES: usize = 1_024;
 /// Handshakes in flight from one source address: far above what one client (even a CI fleet
 /// behind one NAT address) needs, far below the global cap.
 pub const DEFAULT_MAX_HANDSHAKES_PER_SOURCE: usize = 64;
+/// Connections held for a wake from one source address, all pools together.
+pub const DEFAULT_MAX_HELD_PER_SOURCE: usize = 64;
+/// Per pool, held connections the gateway cannot authenticate (passthrough): anyone can send
+/// a ClientHello, so they get a small budget of their own.
+pub const DEFAULT_MAX_HELD_UNAUTHENTICATED: usize = 16;
+/// Bytes of ClientHellos kept for replay to passthrough backends, all connections together:
+/// about a thousand of the largest (16 KiB) ones, eight thousand typical ones.
+pub const DEFAULT_MAX_CLIENT_HELLO_BYTES: usize = 16 << 20;
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A client sends its ClientHello as soon as it connects: one that has not arrived whole by
 /// then is a slow or idle socket holding a handshake slot.
@@ -48,6 +56,12 @@ pub struct Limits {
     pub max_handshakes: usize,
     /// Handshakes in flight from one source address.
     pub max_handshakes_per_source: usize,
+    /// Connections held for a wake from one source address.
+    pub max_held_per_source: usize,
+    /// Per pool, held connections the gateway did not authenticate (passthrough).
+    pub max_held_unauthenticated: usize,
+    /// Bytes of ClientHellos kept for replay to passthrough backends.
+    pub max_client_hello_bytes: usize,
 }
 
 /// The gateway's `[limits]` as written, whichever configuration it comes from.
@@ -56,6 +70,9 @@ pub struct RawGatewayLimits {
     pub max_connections: Option<i64>,
     pub max_handshakes: Option<i64>,
     pub max_handshakes_per_source: Option<i64>,
+    pub max_held_per_source: Option<i64>,
+    pub max_held_unauthenticated: Option<i64>,
+    pub max_client_hello_bytes: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,6 +178,9 @@ impl Default for Limits {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
             max_handshakes_per_source: DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+            max_held_per_source: DEFAULT_MAX_HELD_PER_SOURCE,
+            max_held_unauthenticated: DEFAULT_MAX_HELD_UNAUTHENTICATED,
+            max_client_hello_bytes: DEFAULT_MAX_CLIENT_HELLO_BYTES,
         }
     }
 }
@@ -271,6 +291,23 @@ impl Faults {
                     raw.max_handshakes_per_source,
                 )
                 .unwrap_or(d.max_handshakes_per_source),
+            max_held_per_source: self
+                .count("limits.max_held_per_source", raw.max_held_per_source)
+                .unwrap_or(d.max_held_per_source),
+            max_held_unauthenticated: self
+                .count(
+                    "limits.max_held_unauthenticated",
+                    raw.max_held_unauthenticated,
+                )
+                .unwrap_or(d.max_held_unauthenticated),
+            max_client_hello_bytes: raw
+                .max_client_hello_bytes
+                .and_then(|n| {
+                    value::client_hello_bytes(n)
+                        .map_err(|m| self.add("limits.max_client_hello_bytes", m))
+                        .ok()
+                })
+                .unwrap_or(d.max_client_hello_bytes),
         };
         if raw.max_handshakes_per_source.is_some()
             && limits.max_handshakes_per_source > limits.max_handshakes
@@ -365,6 +402,9 @@ struct RawLimits {
     max_connections: Option<i64>,
     max_handshakes: Option<i64>,
     max_handshakes_per_source: Option<i64>,
+    max_held_per_source: Option<i64>,
+    max_held_unauthenticated: Option<i64>,
+    max_client_hello_bytes: Option<i64>,
 }
 
 impl RawLimits {
@@ -373,6 +413,9 @@ impl RawLimits {
             max_connections: self.max_connections,
             max_handshakes: self.max_handshakes,
             max_handshakes_per_source: self.max_handshakes_per_source,
+            max_held_per_source: self.max_held_per_source,
+            max_held_unauthenticated: self.max_held_unauthenticated,
+            max_client_hello_bytes: self.max_client_hello_bytes,
         }
     }
 }
@@ -638,6 +681,15 @@ pub mod value {
         }
     }
 
+    /// The memory for buffered ClientHellos: room for at least one of the largest.
+    pub fn client_hello_bytes(n: i64) -> Result<usize, String> {
+        let least = crate::clienthello::MAX_CLIENT_HELLO;
+        match usize::try_from(n) {
+            Ok(n) if (least..=1 << 30).contains(&n) => Ok(n),
+            _ => Err(format!("{n} is out of range ({least} to {})", 1 << 30)),
+        }
+    }
+
     /// A duration such as "10s" or "2h", possibly zero.
     pub fn any_duration(text: &str) -> Result<Duration, String> {
         humantime::parse_duration(text)
@@ -724,8 +776,13 @@ mod tests {
             listen = "nowhere"
             [limits]
             max_connections = 0
+            max_handshakes = 10
+            max_handshakes_per_source = 20
+            max_held_unauthenticated = 0
+            max_client_hello_bytes = 1024
             [timeouts]
             idle = "forever"
+            client_hello = "0s"
             [[pool]]
             name = "Bad_Name"
             backends = ["localhost:80"]
@@ -742,7 +799,11 @@ mod tests {
         for expected in [
             "listen",
             "limits.max_connections",
+            "limits.max_handshakes_per_source",
+            "limits.max_held_unauthenticated",
+            "limits.max_client_hello_bytes",
             "timeouts.idle",
+            "timeouts.client_hello",
             "pool[0].name",
             "pool[0].client_ca",
             "pool[0].backends[0]",

@@ -22,7 +22,7 @@ use crate::gateway::Gateway;
 use crate::handshake::{self, Accepted};
 use crate::names::ClientIdentity;
 use crate::relay::{self, Direction, Outcome, Tally};
-use crate::route::PoolRoute;
+use crate::route::{Caller, PoolRoute};
 
 /// Serves one accepted connection. `_slot` is its place under the global limit.
 pub async fn handle(gateway: &Arc<Gateway>, tcp: TcpStream, peer: SocketAddr, _slot: Permit) {
@@ -107,7 +107,22 @@ pub async fn handle(gateway: &Arc<Gateway>, tcp: TcpStream, peer: SocketAddr, _s
             )
             .await
         }
-        Accepted::Passthrough { tcp, route, hello } => {
+        Accepted::Passthrough {
+            tcp,
+            route,
+            mut hello,
+        } => {
+            // Kept until it is replayed, perhaps for a whole wake: its real size counts
+            // against the gateway's memory for buffered ClientHellos.
+            hello.shrink_to_fit();
+            let buffered = match gateway.admission.buffer_client_hello(hello.capacity()) {
+                Ok(permit) => permit,
+                Err(refused) => {
+                    gateway.activity.pool(&route.id).rejected();
+                    let pool = Some(route.id.as_str());
+                    return gateway.metrics.rejected(pool, refused.reason());
+                }
+            };
             let pool = route.clone();
             serve(gateway, &route, None, peer, |mut backend| async move {
                 if let Err(e) = backend.tcp.write_all(&hello).await {
@@ -116,7 +131,7 @@ pub async fn handle(gateway: &Arc<Gateway>, tcp: TcpStream, peer: SocketAddr, _s
                 }
                 // The replayed ClientHello is the first of the client's bytes.
                 backend.tally.moved(Direction::Inbound, relay::Path::Copy, hello.len() as u64);
-                drop(hello);
+                drop((hello, buffered));
                 Ok(Box::pin(relay::splice(tcp, backend.tcp, &settings(&pool), &backend.tally)).await)
             })
             .await
@@ -159,7 +174,13 @@ async fn serve<'g, F, Fut>(
         Ok(permit) => permit,
         Err(refused) => return refuse(refused.reason()),
     };
-    let candidates = match route.upstream.candidates(&activity).await {
+    let caller = Caller::new(
+        peer.ip(),
+        identity.is_some(),
+        pool.clone(),
+        gateway.admission.clone(),
+    );
+    let candidates = match route.upstream.candidates(&activity, &caller).await {
         Ok(candidates) => candidates,
         Err(e) => {
             tracing::info!(%pool, %peer, error = %e, "no backend for connection");

@@ -235,6 +235,11 @@ impl Collector for ActivityCollector {
                 self.admission.connections().used(),
             ),
             (
+                "client_hello_bytes",
+                "Bytes of ClientHellos kept for replay to passthrough backends",
+                self.admission.client_hello_bytes(),
+            ),
+            (
                 "connections_limit",
                 "The gateway's connection limit",
                 self.admission.connections().max(),
