@@ -123,19 +123,28 @@ pub fn server_cert_from_pem(
     })
 }
 
-/// Loads a CA bundle: at least one certificate, each a CA and valid now.
+/// Loads a CA bundle: every certificate a CA, the ones valid now (at least one).
 pub fn load_ca_bundle(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     ca_bundle_from_pem(&read(path)?, path)
 }
 
 /// [`load_ca_bundle`] for PEM already in memory; `path` names its origin in errors.
+///
+/// A bundle that rotates carries the CA being replaced until it expires, and whoever prunes
+/// it may be late (the operator requeues at the expiry, but may be down): an expired CA is
+/// left out, not a reason to refuse the bundle and with it the pool. A CA not valid yet stays
+/// (a successor published ahead; the bundle may not be read again when it becomes valid).
+/// Only a bundle with no CA valid now is refused.
 pub fn ca_bundle_from_pem(
     pem: &[u8],
     path: &Path,
 ) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = certs_from_pem(pem, path)?;
-    for der in &certs {
-        let cert = parse(path, der)?;
+    let mut kept = Vec::with_capacity(certs.len());
+    let mut fault = None;
+    let mut valid_now = false;
+    for der in certs {
+        let cert = parse(path, &der)?;
         if !cert.is_ca() {
             let what = format!("{} is not a CA certificate", cert.subject());
             return Err(TlsError::Invalid {
@@ -143,9 +152,21 @@ pub fn ca_bundle_from_pem(
                 what,
             });
         }
-        check_validity(path, &cert)?;
+        match check_validity(path, &cert) {
+            Ok(()) => valid_now = true,
+            Err(e) if cert.validity().not_after.timestamp() < unix_now() => {
+                tracing::debug!(path = %path.display(), subject = %cert.subject(), "expired CA left out of the bundle");
+                fault = Some(e);
+                continue;
+            }
+            Err(e) => fault = Some(e),
+        }
+        kept.push(der);
     }
-    Ok(certs)
+    match (valid_now, fault) {
+        (false, Some(fault)) => Err(fault),
+        _ => Ok(kept),
+    }
 }
 
 /// Builds the terminate-mode server configuration from server certificates (the first is the
@@ -463,10 +484,14 @@ fn parse<'a>(path: &Path, der: &'a CertificateDer<'_>) -> Result<X509Certificate
         })
 }
 
-fn check_validity(path: &Path, cert: &X509Certificate<'_>) -> Result<(), TlsError> {
-    let now = SystemTime::now()
+fn unix_now() -> i64 {
+    SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn check_validity(path: &Path, cert: &X509Certificate<'_>) -> Result<(), TlsError> {
+    let now = unix_now();
     let v = cert.validity();
     if now < v.not_before.timestamp() || now > v.not_after.timestamp() {
         return Err(TlsError::Validity {
@@ -587,6 +612,35 @@ mod tests {
             path,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn a_bundle_leaves_out_expired_cas_and_is_refused_only_without_a_valid_one() {
+        let (expired, _) = ca("predecessor", -7200, -3600);
+        let (current, _) = ca("current", -60, 3600);
+        let (successor, _) = ca("successor", 600, 7200);
+        let path = Path::new("ca.crt");
+        let bundle = format!("{current}{expired}{successor}");
+        let cas = ca_bundle_from_pem(bundle.as_bytes(), path).unwrap();
+        let names: Vec<String> = cas
+            .iter()
+            .map(|der| {
+                X509Certificate::from_der(der)
+                    .unwrap()
+                    .1
+                    .subject()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(
+            names,
+            ["CN=current", "CN=successor"],
+            "the expired CA is left out"
+        );
+        for alone in [expired, successor] {
+            let err = ca_bundle_from_pem(alone.as_bytes(), path).unwrap_err();
+            assert!(matches!(err, TlsError::Validity { .. }), "{err}");
+        }
     }
 
     #[test]

@@ -520,4 +520,27 @@ mod tests {
         let names = &entry("ci/a").unwrap().server.as_ref().unwrap().cert.names;
         assert_eq!(names, &["a.ci.svc"]);
     }
+
+    #[test]
+    fn a_bundle_still_carrying_an_expired_predecessor_is_routed() {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.not_before = (std::time::SystemTime::now() - Duration::from_secs(7200)).into();
+        params.not_after = (std::time::SystemTime::now() - Duration::from_secs(60)).into();
+        let predecessor = params.self_signed(&key).unwrap().pem();
+        let mut secrets = gateway_secrets("ci", "a", "1");
+        let mut server = (*secrets[0]).clone();
+        let data = server.data.as_mut().unwrap();
+        let mut bundle = data["ca.crt"].0.clone();
+        bundle.extend_from_slice(predecessor.as_bytes());
+        data.insert("ca.crt".into(), ByteString(bundle));
+        secrets[0] = Arc::new(server);
+        let pools = [pool("ci", "a", json!({}), 1)];
+        let plan = plan(&pools, lookup(&secrets), &mut ParsedSecrets::default());
+        assert_eq!(plan.unroutable, vec![]);
+        let material = plan.entries[0].server.as_ref().unwrap();
+        assert_eq!(material.client_ca.len(), 1, "the expired CA is left out");
+    }
 }

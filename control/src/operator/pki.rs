@@ -185,6 +185,24 @@ pub fn decide(existing: &CaSecret, life: Lifetimes, now: SystemTime) -> CaChange
 }
 
 impl CaSecret {
+    /// How long until this CA Secret needs writing again: its successor is due, the successor
+    /// takes over, or a predecessor expires and leaves the bundle (a second after, so it has).
+    pub fn due(&self, life: Lifetimes, now: SystemTime) -> Duration {
+        let rotation = match &self.next {
+            Some(_) => self.current.not_after() - life.rotate_before,
+            None => self.current.not_after() - life.rotate_before * 2,
+        };
+        let pruned = self
+            .previous
+            .iter()
+            .map(|(_, end)| *end + Duration::from_secs(1));
+        std::iter::once(rotation)
+            .chain(pruned)
+            .map(|at| at.duration_since(now).unwrap_or_default())
+            .min()
+            .unwrap_or_default()
+    }
+
     /// Every CA certificate a peer should trust now: current, successor, predecessors.
     pub fn bundle(&self) -> String {
         let mut bundle = self.current.cert_pem().to_owned();
@@ -319,13 +337,7 @@ pub async fn reconcile(pool: &BuildKitPool, ctx: &Context) -> Result<Duration, E
     for (ca, label) in [(&client, "client-ca"), (&backend, "backend-ca")] {
         ctx.metrics
             .certificate_expiry(&pool_id, label, ca.current.not_after());
-        let successor_due = ca.current.not_after() - life.rotate_before * 2;
-        let due = if ca.next.is_some() {
-            ca.current.not_after() - life.rotate_before
-        } else {
-            successor_due
-        };
-        next_due = next_due.min(due.duration_since(now).unwrap_or_default());
+        next_due = next_due.min(ca.due(life, now));
     }
     for (name, ca, dns, label) in leaves {
         let not_after = leaf(pool, ctx, &name, ca, &dns, label, life, now).await?;
@@ -630,6 +642,24 @@ mod tests {
         // Once the old CA has expired it leaves the bundle.
         let (pruned, _) = plan_ca(Some(&rotated), "client", life(), now + 31 * DAY).unwrap();
         assert!(!pruned.bundle().contains(first.current.cert_pem()));
+    }
+
+    #[test]
+    fn a_ca_secret_is_due_again_when_its_predecessor_expires() {
+        let now = SystemTime::now();
+        let (mut ca, _) = plan_ca(None, "client", life(), now).unwrap();
+        // 30-day CA, 5 days' rotateBefore: the successor is due in 20 days.
+        let successor = ca.due(life(), now);
+        assert!(
+            successor > 19 * DAY && successor <= 20 * DAY,
+            "{successor:?}"
+        );
+        ca.previous
+            .push(("predecessor".into(), now + Duration::from_secs(3600)));
+        assert_eq!(ca.due(life(), now), Duration::from_secs(3601));
+        // Already past: due at once.
+        ca.previous.push(("older".into(), now - DAY));
+        assert_eq!(ca.due(life(), now), Duration::ZERO);
     }
 
     #[test]
