@@ -320,3 +320,38 @@ async fn the_drain_deadline_closes_what_is_left() {
     let status = gw.child.wait().unwrap();
     assert!(status.success());
 }
+
+#[tokio::test]
+async fn the_certificate_request_does_not_name_the_pools() {
+    if Command::new("openssl").arg("version").output().is_err() {
+        panic!("openssl is not installed (apt-get install openssl)");
+    }
+    let pki = Arc::new(TestPki::new().pool("a").pool("secret-project"));
+    let backend = backends::echo().await;
+    let gw = gateway(&pki)
+        .pool("a", backend.addr)
+        .pool("secret-project", backend.addr)
+        .start();
+    let (listen, ca) = (gw.listen.to_string(), pki.server_ca_path());
+    // No client certificate: what anyone who connects is told.
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("openssl")
+            .args(["s_client", "-connect", &listen, "-CAfile"])
+            .arg(ca)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let names = stdout
+        .split("Acceptable client certificate CA names")
+        .nth(1)
+        .and_then(|rest| rest.split("Requested Signature Algorithms").next())
+        .unwrap_or_else(|| panic!("no CA names in the CertificateRequest:\n{stdout}"));
+    assert_eq!(names.matches("bkpool CA ").count(), 2, "{names}");
+    for pool in ["local/a", "secret-project", "client CA"] {
+        assert!(!names.contains(pool), "{pool} named in:\n{names}");
+    }
+}
