@@ -411,6 +411,11 @@ impl Scaler {
     }
 
     /// Patches the workload's `/scale` to `replicas`; false (and logged) on failure.
+    ///
+    /// Unconditional, unlike a gateway's wake: gateways write only a count of zero, and only
+    /// on condition that it is still what they read, so a wake never undoes this write; and
+    /// a scale-down comes after a confirmed drain, when the count is above zero and no
+    /// gateway writes it.
     async fn patch_scale(&self, pool: &BuildKitPool, replicas: i32) -> bool {
         let names = PoolNames::of(pool);
         let patch = Patch::Merge(json!({ "spec": { "replicas": replicas } }));
