@@ -627,7 +627,24 @@ impl Validator<'_> {
     fn cross_checks(&mut self, config: &GatewayConfig) {
         let mut ids = HashSet::new();
         let mut names: HashMap<&str, usize> = HashMap::new();
+        let mut cas: HashMap<PathBuf, usize> = HashMap::new();
         for (i, pool) in config.pools.iter().enumerate() {
+            // One file for two pools' client CAs: whoever holds that CA can sign for both.
+            // (Two copies of one CA are found when the files are read: Credentials.)
+            if let Some(ca) = &pool.client_ca {
+                let same = std::fs::canonicalize(ca).unwrap_or_else(|_| ca.clone());
+                let j = *cas.entry(same).or_insert(i);
+                if j != i {
+                    self.faults.add(
+                        format!("pool[{i}].client_ca"),
+                        format!(
+                            "{} is also pool[{j}]'s client CA: a CA shared by two pools signs \
+                             certificates for both, so each pool needs its own",
+                            ca.display()
+                        ),
+                    );
+                }
+            }
             if !ids.insert(&pool.id) {
                 self.faults.add(
                     format!("pool[{i}].name"),
@@ -844,6 +861,32 @@ mod tests {
             e.contains("defined twice") && e.contains("already routed"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn two_pools_may_not_share_a_client_ca_file() {
+        let text = r#"
+            [[server_cert]]
+            cert = "s"
+            key = "k"
+            [[pool]]
+            name = "a"
+            client_ca = "pools/ca.pem"
+            [[pool]]
+            name = "b"
+            namespace = "ci"
+            client_ca = "pools/../pools/ca.pem"
+            [[pool]]
+            name = "c"
+            client_ca = "pools/c.pem"
+        "#;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("pools")).unwrap();
+        std::fs::write(dir.path().join("pools/ca.pem"), "").unwrap();
+        let e = GatewayConfig::parse(text, dir.path()).unwrap_err();
+        assert_eq!(e.0.len(), 1, "{e}");
+        assert_eq!(e.0[0].path, "pool[1].client_ca");
+        assert!(e.0[0].message.contains("also pool[0]'s client CA"), "{e}");
     }
 
     #[test]

@@ -54,6 +54,18 @@ pub enum TlsError {
     },
     #[error("no server certificate configured")]
     NoServerCert,
+    #[error(
+        "{path}: CA {subject} of pool {pool} is also in pool {other}'s client CA bundle \
+         ({other_path}): a CA shared by two pools signs certificates for both, so each pool \
+         needs its own"
+    )]
+    SharedCa {
+        subject: String,
+        pool: PoolId,
+        path: PathBuf,
+        other: PoolId,
+        other_path: PathBuf,
+    },
     #[error("building the TLS configuration: {0}")]
     Build(String),
 }
@@ -194,6 +206,30 @@ pub fn server_config(
     config.send_tls13_tickets = 0;
     // (The default ticketer issues no stateless tickets either; a test checks all three.)
     Ok(Arc::new(config))
+}
+
+/// The first CA found in two of `bundles`: its subject and the two bundles' indexes.
+///
+/// CAs are compared by public key, not by certificate: a CA re-issued with the same key (a
+/// new validity, another name) is the same signer. Pools are isolated by their CAs alone, so
+/// whoever holds a CA shared by pools A and B can sign a certificate naming either.
+pub fn shared_ca(bundles: &[&[CertificateDer<'_>]]) -> Option<(String, usize, usize)> {
+    let mut seen: HashMap<Vec<u8>, usize> = HashMap::new();
+    for (i, bundle) in bundles.iter().enumerate() {
+        for der in bundle.iter() {
+            let Ok((_, cert)) = X509Certificate::from_der(der) else {
+                continue; // refused when the bundle was loaded
+            };
+            let key = cert.public_key().raw.to_vec();
+            match seen.get(&key) {
+                Some(&first) if first != i => return Some((cert.subject().to_string(), first, i)),
+                _ => {
+                    seen.insert(key, i);
+                }
+            }
+        }
+    }
+    None
 }
 
 /// The client-certificate verifier terminate mode uses: each certificate is checked against
