@@ -608,6 +608,60 @@ async fn a_tls12_session_does_not_survive_a_rotation_that_drops_its_issuer() {
     assert_eq!(backend.accepted(), 1);
 }
 
+/// One echoed message.
+async fn ping<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    tls: &mut S,
+) -> std::io::Result<()> {
+    tls.write_all(b"ping").await?;
+    let mut back = [0u8; 4];
+    tls.read_exact(&mut back).await?;
+    assert_eq!(&back, b"ping");
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_open_connection_ends_when_its_certificate_expires() {
+    use control::pki::IssueOptions;
+    use std::time::SystemTime;
+    let pki = pki();
+    let backend = backends::echo().await;
+    let gw = gateway(&pki).pool("a", backend.addr).start();
+    let now = SystemTime::now();
+    let expires = now + Duration::from_secs(4);
+    let window = IssueOptions::new().valid_between(now - Duration::from_secs(60), expires);
+    let mut brief = gw
+        .connect(&pki.client_with("a", "a", "brief", window))
+        .await
+        .unwrap();
+    let mut lasting = gw.connect(&pki.client("a", "alice")).await.unwrap();
+
+    // Both stay busy (no idle timeout applies); the brief one is cut when its certificate
+    // expires (certificate times have one-second precision), the other goes on.
+    let cut = loop {
+        if ping(&mut brief).await.is_err() {
+            break SystemTime::now();
+        }
+        ping(&mut lasting)
+            .await
+            .expect("the lasting connection goes on");
+        assert!(
+            SystemTime::now() < expires + Duration::from_secs(5),
+            "still served after its certificate expired"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(cut + Duration::from_secs(1) >= expires, "cut early");
+    ping(&mut lasting)
+        .await
+        .expect("the lasting connection goes on");
+    gw.wait_metric(
+        "bkpool_gateway_connections_expired_total",
+        &[("pool", "local/a")],
+        1.0,
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn a_connection_counts_as_open_while_its_backend_is_dialled() {
     let pki = pki();

@@ -10,7 +10,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -63,7 +63,11 @@ pub async fn handle(gateway: &Arc<Gateway>, tcp: TcpStream, peer: SocketAddr, _s
     gateway.metrics.handshake(started.elapsed());
 
     match accepted {
-        Accepted::Terminated { stream, peer: who } => {
+        Accepted::Terminated {
+            stream,
+            peer: who,
+            expires,
+        } => {
             let Some(route) = routes
                 .pool(&who.pool)
                 .filter(|r| r.mode == Mode::Terminate)
@@ -80,7 +84,12 @@ pub async fn handle(gateway: &Arc<Gateway>, tcp: TcpStream, peer: SocketAddr, _s
                 Some(&who.identity),
                 peer,
                 |backend| async move {
-                    let settings = settings(&pool);
+                    // A connection never outlives the certificate that opened it: its
+                    // lifetime is the only revocation there is.
+                    let settings = relay::Settings {
+                        ends_at: ends_at(expires),
+                        ..settings(&pool)
+                    };
                     let Some(tls) = &pool.backend_tls else {
                         return Ok(Box::pin(relay::copy(
                             stream,
@@ -206,6 +215,11 @@ async fn serve<'g, F, Fut>(
     tracing::debug!(%pool, %peer, identity = identity.map(ClientIdentity::as_str), backend = %addr, "relaying");
     let tally = gateway.activity.tally(activity.clone());
     match relay_with(Backend { tcp, addr, tally }).await {
+        Ok(outcome) if matches!(outcome.end, relay::End::Expired) => {
+            let identity = identity.map(ClientIdentity::as_str);
+            tracing::info!(%pool, %peer, identity, ?outcome, "connection closed: its client certificate expired");
+            gateway.metrics.expired(pool.as_str());
+        }
         Ok(outcome) => tracing::debug!(%pool, %peer, ?outcome, "connection closed"),
         Err(reason) => gateway.metrics.rejected(Some(pool.as_str()), reason),
     }
@@ -215,5 +229,17 @@ async fn serve<'g, F, Fut>(
 fn settings(route: &PoolRoute) -> relay::Settings {
     relay::Settings {
         idle_timeout: route.idle_timeout,
+        ends_at: None,
     }
+}
+
+/// The instant `expires` (wall clock) comes, on the relay's monotonic clock: converted once,
+/// so a wall-clock step after the handshake neither cuts nor spares the connection. Only the
+/// leaf's notAfter counts: bkpool issues no certificate that outlives its CA, and a CA's end,
+/// like its rotation, leaves open connections alone (the README's security section).
+fn ends_at(expires: SystemTime) -> Option<tokio::time::Instant> {
+    let left = expires
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
+    tokio::time::Instant::now().checked_add(left)
 }

@@ -11,7 +11,7 @@
 
 use std::io;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustls::ServerConfig;
 use rustls::server::Acceptor;
@@ -22,16 +22,18 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::{LazyConfigAcceptor, StartHandshake};
 
 use crate::clienthello::{self, ClientHelloError};
-use crate::identify::{IdentifyError, Peer, identify};
+use crate::identify::{IdentifyError, Peer, identify_with_validity};
 use crate::route::{PoolRoute, Routes};
 use crate::tls::handshake_reason;
 
 /// A connection past its handshake.
 pub enum Accepted {
-    /// TLS terminated here; the peer is authenticated by its pool's CA.
+    /// TLS terminated here; the peer is authenticated by its pool's CA until `expires`, its
+    /// certificate's notAfter.
     Terminated {
         stream: Box<TlsStream<TcpStream>>,
         peer: Peer,
+        expires: SystemTime,
     },
     /// Routed by SNI; `hello` holds every byte read so far, to be replayed to the backend.
     Passthrough {
@@ -152,9 +154,11 @@ fn terminated(stream: TlsStream<TcpStream>) -> Result<Accepted, HandshakeError> 
         .peer_certificates()
         .and_then(|c| c.first())
         .ok_or(IdentifyError::NoPoolUri)?;
-    let peer = identify(cert)?;
+    let (peer, (_, not_after)) = identify_with_validity(cert)?;
+    let expires = UNIX_EPOCH + Duration::from_secs(not_after.max(0) as u64);
     Ok(Accepted::Terminated {
         stream: Box::new(stream),
         peer,
+        expires,
     })
 }
