@@ -31,7 +31,7 @@ use std::time::Duration;
 use proxy::affinity::Balance;
 use proxy::config::{
     BalanceMode, CertFiles, ConfigErrors, Faults, GatewayConfig, Limits, Mode, PoolConfig,
-    RawPoolLimits, RawPoolTimeouts, RawTimeouts, Timeouts, from_toml, read_file,
+    RawGatewayLimits, RawPoolLimits, RawPoolTimeouts, RawTimeouts, Timeouts, from_toml, read_file,
 };
 use proxy::names::PoolId;
 use serde::Deserialize;
@@ -192,6 +192,8 @@ struct RawConfig {
 struct RawLimits {
     max_connections: Option<i64>,
     max_handshakes: Option<i64>,
+    max_handshakes_per_source: Option<i64>,
+    max_held_per_source: Option<i64>,
     max_held: Option<i64>,
 }
 
@@ -257,10 +259,26 @@ impl Validator {
     fn config(&mut self, raw: RawConfig) -> LocalConfig {
         let f = &mut self.faults;
         let (listen, admin) = f.listeners(raw.listen.as_deref(), raw.admin.as_deref());
-        let limits = f.limits(raw.limits.max_connections, raw.limits.max_handshakes);
+        let mut limits = f.limits(&RawGatewayLimits {
+            max_connections: raw.limits.max_connections,
+            max_handshakes: raw.limits.max_handshakes,
+            max_handshakes_per_source: raw.limits.max_handshakes_per_source,
+            max_held_per_source: raw.limits.max_held_per_source,
+            // Local pools terminate TLS: every held connection is authenticated, and no
+            // ClientHello is kept for replay.
+            ..RawGatewayLimits::default()
+        });
         let max_held = f
             .count("limits.max_held", raw.limits.max_held)
             .unwrap_or(DEFAULT_MAX_HELD_TOTAL);
+        // The local gateway listens on loopback: every client comes from this host, one
+        // source address, so per-source caps default to the whole.
+        if raw.limits.max_handshakes_per_source.is_none() {
+            limits.max_handshakes_per_source = limits.max_handshakes;
+        }
+        if raw.limits.max_held_per_source.is_none() {
+            limits.max_held_per_source = max_held;
+        }
         let timeouts = f.timeouts(&raw.timeouts);
         let d = Settings::default();
         let r = &raw.scaling;
@@ -507,6 +525,9 @@ mod tests {
         };
         assert_eq!(program, "buildkitd");
         assert_eq!(args, &["--addr", "tcp://{addr}", "--root", "{root}"]);
+        // Every local client comes from this host: per-source caps are the whole.
+        assert_eq!(c.limits.max_handshakes_per_source, c.limits.max_handshakes);
+        assert_eq!(c.limits.max_held_per_source, DEFAULT_MAX_HELD_TOTAL);
     }
 
     #[test]

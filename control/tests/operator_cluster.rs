@@ -1,7 +1,8 @@
 //! The operator against a real API server (skipped without `BKPOOL_TEST_KUBECONFIG`): schema
 //! refusals, the objects a pool produces and their owner references, updates, no writes
-//! when nothing changed, replicas left to the scaler, semantic validation, garbage
-//! collection, and a wake seen through a pod made ready the way a kubelet would.
+//! when nothing changed, replicas left to the scaler, semantic validation, host names claimed
+//! by one pool only, garbage collection, and a wake seen through a pod made ready the way a
+//! kubelet would.
 
 mod support;
 
@@ -330,6 +331,92 @@ async fn an_invalid_pool_is_reported_and_creates_nothing() {
         .await
         .unwrap();
     wait_phase(&client, &ns.name, "bad", Phase::Sleeping).await;
+    controller.stop().await;
+    ns.delete().await;
+}
+
+/// The `HostsAccepted` condition of `name` once it has status `want`.
+async fn wait_hosts(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    want: &str,
+) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    eventually(&format!("{name} HostsAccepted {want}"), WAIT, || async {
+        let api: Api<BuildKitPool> = Api::namespaced(client.clone(), ns);
+        let status = api.get(name).await.ok()?.status?;
+        status
+            .condition("HostsAccepted")
+            .filter(|c| c.status == want)
+            .cloned()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_host_name_routes_to_one_pool_and_a_refused_claim_is_reported() {
+    let Some(client) = test_client().await else {
+        return;
+    };
+    install_crd(&client).await;
+    let ns = TestNamespace::create(&client, "bkp-hosts").await;
+    let controller = RunningController::start(&client, &ns.name);
+    let hosts = |names: &[&str]| json!({"gateway": {"mode": "passthrough", "hosts": names}});
+    create_pool(&client, &ns.name, "first", hosts(&["build.example.com"]))
+        .await
+        .unwrap();
+    wait_phase(&client, &ns.name, "first", Phase::Sleeping).await;
+    create_pool(
+        &client,
+        &ns.name,
+        "second",
+        hosts(&["build.example.com", "second.example.com"]),
+    )
+    .await
+    .unwrap();
+    let refused = wait_hosts(&client, &ns.name, "second", "False").await;
+    assert_eq!(refused.reason, "HostConflict");
+    let holder = format!(
+        "spec.gateway.hosts[0]: build.example.com already routes to pool {}/first",
+        ns.name
+    );
+    assert_eq!(refused.message, holder);
+    // The rest of the pool is served: only the contested name is refused.
+    wait_phase(&client, &ns.name, "second", Phase::Sleeping).await;
+    assert_eq!(
+        wait_hosts(&client, &ns.name, "first", "True").await.reason,
+        "HostsRouted"
+    );
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns.name);
+    eventually("HostConflict event", WAIT, || async {
+        let list = events.list(&ListParams::default()).await.ok()?;
+        list.items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("HostConflict"))
+    })
+    .await;
+
+    // Another namespace's Service name is not this namespace's to claim.
+    create_pool(&client, &ns.name, "takeover", hosts(&["ci.default.svc"]))
+        .await
+        .unwrap();
+    let status = wait_phase(&client, &ns.name, "takeover", Phase::Degraded).await;
+    let validated = status.condition("Validated").unwrap();
+    assert!(
+        validated.message.contains("spec.gateway.hosts[0]")
+            && validated.message.contains("namespace \"default\""),
+        "{}",
+        validated.message
+    );
+
+    // The holder goes: the name passes to the pool that asked next, without waiting for a
+    // periodic resync.
+    let pools: Api<BuildKitPool> = Api::namespaced(client.clone(), &ns.name);
+    pools
+        .delete("first", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_hosts(&client, &ns.name, "second", "True").await;
     controller.stop().await;
     ns.delete().await;
 }

@@ -10,7 +10,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -24,26 +24,30 @@ use crate::handshake::{self, Accepted};
 use crate::hold;
 use crate::names::ClientIdentity;
 use crate::relay::{self, Direction, Outcome, Tally};
-use crate::route::{BackendLoad, PoolRoute};
+use crate::route::{BackendLoad, Caller, PoolRoute};
 
 /// Serves one accepted connection. `_slot` is its place under the global limit.
 pub async fn handle(gateway: &Arc<Gateway>, tcp: TcpStream, peer: SocketAddr, _slot: Permit) {
     if let Err(e) = relay::tune(&tcp) {
         tracing::debug!(error = %e, "socket options not set");
     }
-    let Ok(handshake_permit) = gateway.admission.handshake() else {
-        gateway
-            .metrics
-            .rejected(None, crate::admit::Refused::HandshakeLimit.reason());
-        return;
+    let handshake_permit = match gateway.admission.handshake(peer.ip()) {
+        Ok(permit) => permit,
+        Err(refused) => return gateway.metrics.rejected(None, refused.reason()),
     };
     let routes = gateway.routes.load_full();
     let started = Instant::now();
+    let limits = &gateway.settings;
     let accepted = tokio::time::timeout(
-        gateway.settings.handshake_timeout,
+        limits.handshake_timeout,
         // Boxed: the handshake's state is large and short-lived; inline it would stay in
         // every connection task's allocation for the connection's whole life.
-        Box::pin(handshake::accept(tcp, &routes, gateway.tls.load_full())),
+        Box::pin(handshake::accept(
+            tcp,
+            &routes,
+            gateway.tls.load_full(),
+            limits.client_hello_timeout,
+        )),
     )
     .await;
     drop(handshake_permit);
@@ -64,6 +68,7 @@ pub async fn handle(gateway: &Arc<Gateway>, tcp: TcpStream, peer: SocketAddr, _s
         Accepted::Terminated {
             mut stream,
             peer: who,
+            expires,
         } => {
             let Some(route) = routes
                 .pool(&who.pool)
@@ -88,7 +93,12 @@ pub async fn handle(gateway: &Arc<Gateway>, tcp: TcpStream, peer: SocketAddr, _s
                 replay,
                 guards,
             } = routed;
-            let settings = settings(&route);
+            // A connection never outlives the certificate that opened it: its lifetime is the
+            // only revocation there is.
+            let settings = relay::Settings {
+                ends_at: ends_at(expires),
+                ..settings(&route)
+            };
             let outcome = match &route.backend_tls {
                 None => match replayed(backend.tcp, &replay, &route).await {
                     Ok(tcp) => {
@@ -120,9 +130,24 @@ pub async fn handle(gateway: &Arc<Gateway>, tcp: TcpStream, peer: SocketAddr, _s
                     }
                 }
             };
-            finish(gateway, &route, peer, guards, outcome);
+            finish(gateway, &route, identity, peer, guards, outcome);
         }
-        Accepted::Passthrough { tcp, route, hello } => {
+        Accepted::Passthrough {
+            tcp,
+            route,
+            mut hello,
+        } => {
+            // Kept until it is replayed, perhaps for a whole wake: its real size counts
+            // against the gateway's memory for buffered ClientHellos.
+            hello.shrink_to_fit();
+            let buffered = match gateway.admission.buffer_client_hello(hello.capacity()) {
+                Ok(permit) => permit,
+                Err(refused) => {
+                    gateway.activity.pool(&route.id).rejected();
+                    let pool = Some(route.id.as_str());
+                    return gateway.metrics.rejected(pool, refused.reason());
+                }
+            };
             let client = hold::Client::Raw(&tcp);
             let Some(routed) = admit_and_connect(gateway, &route, None, peer, client).await else {
                 return;
@@ -135,14 +160,14 @@ pub async fn handle(gateway: &Arc<Gateway>, tcp: TcpStream, peer: SocketAddr, _s
                     // The replayed ClientHello is the first of the client's bytes.
                     let tally = &backend.tally;
                     tally.moved(Direction::Inbound, relay::Path::Copy, hello.len() as u64);
-                    drop(hello);
+                    drop((hello, buffered));
                     let settings = settings(&route);
                     let relay = relay::splice(tcp, backend_tcp, &settings, tally);
                     Ok(Box::pin(relay).await)
                 }
                 Err(reason) => Err(reason),
             };
-            finish(gateway, &route, peer, guards, outcome);
+            finish(gateway, &route, None, peer, guards, outcome);
         }
     }
 }
@@ -198,9 +223,18 @@ async fn admit_and_connect<'g>(
             return None;
         }
     };
+    let caller = Caller::new(
+        peer.ip(),
+        identity.is_some(),
+        pool.clone(),
+        gateway.admission.clone(),
+    );
     // Boxed: a held connection's state (the preface buffer) is large and rare.
-    let (candidates, released) =
-        Box::pin(hold::wait(route.upstream.candidates(&activity), client)).await;
+    let (candidates, released) = Box::pin(hold::wait(
+        route.upstream.candidates(&activity, &caller),
+        client,
+    ))
+    .await;
     gateway.metrics.held(&released);
     let candidates = match candidates {
         // Ordered once the pool is awake, so a held caller reaches its own replica too.
@@ -213,6 +247,10 @@ async fn admit_and_connect<'g>(
             return None;
         }
     };
+    // Open from the moment it is routed, not once its backend answers: a dial may take the
+    // connect timeout for each candidate, longer than a drain's settle time, and a connection
+    // neither held nor open would let the scaler take the pool down under it.
+    let open = activity.open();
     let Connected { tcp, addr, load } =
         match connect::dial(&candidates, route.connect_timeout).await {
             Ok(connected) => connected,
@@ -222,7 +260,6 @@ async fn admit_and_connect<'g>(
                 return None;
             }
         };
-    let open = activity.open();
     tracing::debug!(%pool, %peer, identity = identity.map(ClientIdentity::as_str), backend = %addr, "relaying");
     let tally = gateway.activity.tally(activity.clone());
     Some(Routed {
@@ -258,13 +295,20 @@ async fn replayed<S: tokio::io::AsyncWrite + Unpin>(
 fn finish(
     gateway: &Gateway,
     route: &PoolRoute,
+    identity: Option<&ClientIdentity>,
     peer: SocketAddr,
     guards: Guards,
     outcome: Result<Outcome, &'static str>,
 ) {
+    let pool = &route.id;
     match outcome {
-        Ok(outcome) => tracing::debug!(pool = %route.id, %peer, ?outcome, "connection closed"),
-        Err(reason) => gateway.metrics.rejected(Some(route.id.as_str()), reason),
+        Ok(outcome) if matches!(outcome.end, relay::End::Expired) => {
+            let identity = identity.map(ClientIdentity::as_str);
+            tracing::info!(%pool, %peer, identity, ?outcome, "connection closed: its client certificate expired");
+            gateway.metrics.expired(pool.as_str());
+        }
+        Ok(outcome) => tracing::debug!(%pool, %peer, ?outcome, "connection closed"),
+        Err(reason) => gateway.metrics.rejected(Some(pool.as_str()), reason),
     }
     gateway.metrics.connection_closed(guards.opened.elapsed());
 }
@@ -272,5 +316,17 @@ fn finish(
 fn settings(route: &PoolRoute) -> relay::Settings {
     relay::Settings {
         idle_timeout: route.idle_timeout,
+        ends_at: None,
     }
+}
+
+/// The instant `expires` (wall clock) comes, on the relay's monotonic clock: converted once,
+/// so a wall-clock step after the handshake neither cuts nor spares the connection. Only the
+/// leaf's notAfter counts: bkpool issues no certificate that outlives its CA, and a CA's end,
+/// like its rotation, leaves open connections alone (the README's security section).
+fn ends_at(expires: SystemTime) -> Option<tokio::time::Instant> {
+    let left = expires
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
+    tokio::time::Instant::now().checked_add(left)
 }

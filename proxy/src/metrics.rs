@@ -27,11 +27,17 @@ pub struct Metrics {
     reloads: Family<ResultLabels, Counter>,
     prefaces_answered: Counter,
     preface_fallbacks: Family<ReasonLabels, Counter>,
+    expired: Family<PoolLabels, Counter>,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolLabels {
+    pool: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -64,6 +70,7 @@ impl Metrics {
             reloads: Family::default(),
             prefaces_answered: Counter::default(),
             preface_fallbacks: Family::default(),
+            expired: Family::default(),
         };
         gw.register(
             "connections_rejected",
@@ -81,6 +88,11 @@ impl Metrics {
             "Lifetime of authenticated connections",
             Unit::Seconds,
             metrics.connection_seconds.clone(),
+        );
+        gw.register(
+            "connections_expired",
+            "Authenticated connections closed when their client certificate expired, by pool",
+            metrics.expired.clone(),
         );
         gw.register(
             "credential_reloads",
@@ -137,6 +149,11 @@ impl Metrics {
 
     pub fn connection_closed(&self, lasted: Duration) {
         self.connection_seconds.observe(lasted.as_secs_f64());
+    }
+
+    pub fn expired(&self, pool: &str) {
+        let labels = PoolLabels { pool: pool.into() };
+        self.expired.get_or_create(&labels).inc();
     }
 
     pub fn reload(&self, kind: &'static str, ok: bool) {
@@ -271,6 +288,11 @@ impl Collector for ActivityCollector {
                 "client_connections",
                 "Client connections open, authenticated or not",
                 self.admission.connections().used(),
+            ),
+            (
+                "client_hello_bytes",
+                "Bytes of ClientHellos kept for replay to passthrough backends",
+                self.admission.client_hello_bytes(),
             ),
             (
                 "connections_limit",

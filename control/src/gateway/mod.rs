@@ -123,6 +123,10 @@ pub async fn run(
     }
 }
 
+/// What one pool adds to the TLS configuration: its id, its server Secret's version and the
+/// names its certificate answers for (they change when a contested host name changes hands).
+type TlsInput = (PoolId, Option<String>, Vec<String>);
+
 /// The state carried from one change to the next.
 struct Feed {
     client: Client,
@@ -131,8 +135,9 @@ struct Feed {
     metrics: Metrics,
     states: HashMap<PoolId, Arc<PoolState>>,
     parsed: ParsedSecrets,
-    /// Pools and server Secret versions the current TLS configuration was built from.
-    tls_versions: Option<Vec<(PoolId, Option<String>)>>,
+    /// Pools, server Secret versions and the names each certificate answers for, as the
+    /// current TLS configuration was built from them.
+    tls_versions: Option<Vec<TlsInput>>,
     /// Why each unroutable pool is, to log changes only.
     unroutable: BTreeMap<String, String>,
 }
@@ -159,11 +164,13 @@ impl Feed {
         self.metrics
             .pools(plan.entries.len(), self.unroutable.len());
 
-        let versions: Vec<(PoolId, Option<String>)> = plan
+        let versions: Vec<TlsInput> = plan
             .entries
             .iter()
-            .filter(|e| e.server.is_some())
-            .map(|e| (e.id.clone(), e.server_version.clone()))
+            .filter_map(|e| {
+                let names = e.server.as_ref()?.cert.names.clone();
+                Some((e.id.clone(), e.server_version.clone(), names))
+            })
             .collect();
         if self.tls_versions.as_ref() != Some(&versions) {
             self.tls(&plan.entries);

@@ -76,8 +76,8 @@ impl LocalPki {
     pub fn add_pool(&mut self, pool: &PoolId) -> Result<&Ca, PkiError> {
         if !self.pool_cas.contains_key(pool) {
             let dir = self.pool_dir(pool);
-            let common_name = format!("bkpool client CA {pool}");
-            let ca = open_or_create_ca(&dir, "client-ca", &common_name)?;
+            // Named in every CertificateRequest, so the name must not say which pool.
+            let ca = open_or_create_ca(&dir, "client-ca", &super::opaque_name()?)?;
             self.pool_cas.insert(pool.clone(), ca);
         }
         Ok(&self.pool_cas[pool])
@@ -372,6 +372,30 @@ mod tests {
         }
         assert_eq!(after.len(), before.len() + 2);
         assert!(pki.pool_ca_path(&pool("c")).exists());
+    }
+
+    #[test]
+    fn a_pool_ca_is_named_without_its_pool_and_an_old_readable_name_still_loads() {
+        let subject = |ca: &Ca| {
+            let (_, cert) = x509_parser::parse_x509_certificate(ca.cert_der()).unwrap();
+            cert.subject().to_string()
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let pki = LocalPki::open_or_init(tmp.path(), &[pool("secret-project")], &[]).unwrap();
+        let name = subject(pki.pool_ca(&pool("secret-project")).unwrap());
+        assert!(name.starts_with("CN=bkpool CA "), "{name}");
+        assert!(!name.contains("secret-project"), "{name}");
+
+        // A CA made before opaque names keeps its name and keeps working.
+        let old = Ca::generate("bkpool client CA local/legacy", CA_VALIDITY).unwrap();
+        let dir = tmp.path().join("pools/local/legacy");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("client-ca.pem"), old.cert_pem()).unwrap();
+        std::fs::write(dir.join("client-ca.key"), old.key_pem()).unwrap();
+        let pki = LocalPki::open_or_init(tmp.path(), &[pool("legacy")], &[]).unwrap();
+        let loaded = pki.pool_ca(&pool("legacy")).unwrap();
+        assert_eq!(loaded.cert_pem(), old.cert_pem());
+        assert!(subject(loaded).contains("local/legacy"));
     }
 
     /// Damages one file, reopens, and checks the error names `named` with `problem`
