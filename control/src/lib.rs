@@ -12,6 +12,8 @@
 //! - `grpc`: the hand-encoded gRPC frame and `grpc.health.v1` messages.
 //! - [`crd`]: the `BuildKitPool` custom resource, its schema and semantic validation.
 //! - [`operator`]: the Kubernetes reconcilers, the controller and leader election.
+//! - `testkit` (feature `test-util`): how a test skips (never silently), and what tests need
+//!   from outside the project (an API server, BuildKit, openssl).
 pub mod auth;
 pub mod certapi;
 pub mod crd;
@@ -25,3 +27,5 @@ pub mod operator;
 pub mod pki;
 pub mod scale;
 pub mod standin;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testkit;
