@@ -12,6 +12,8 @@
 //! - `grpc`: the hand-encoded gRPC frame and `grpc.health.v1` messages.
 //! - [`crd`]: the `BuildKitPool` custom resource, its schema and semantic validation.
 //! - [`operator`]: the Kubernetes reconcilers, the controller and leader election.
+//! - `kubelet` (feature `test-util`): a process kubelet for test clusters without one: binds
+//!   pods and runs their containers as local processes (the real buildkitd).
 //! - `testkit` (feature `test-util`): how a test skips (never silently), and what tests need
 //!   from outside the project (an API server, BuildKit, openssl).
 pub mod auth;
@@ -22,6 +24,8 @@ pub mod gateway;
 mod grpc;
 pub mod health;
 pub mod https;
+#[cfg(any(test, feature = "test-util"))]
+pub mod kubelet;
 pub mod local_config;
 pub mod operator;
 pub mod pki;

@@ -7,6 +7,6 @@
 
 pub mod local;
 mod slots;
-mod spawn;
+pub(crate) mod spawn;
 
 pub use local::{DriverError, DriverEvent, LocalDriver, ProcessSpec, Replica, ReplicaId};

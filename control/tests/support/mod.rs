@@ -111,6 +111,13 @@ impl TestNamespace {
         let api: Api<Namespace> = Api::all(self.client.clone());
         let _ = api.delete(&self.name, &DeleteParams::default()).await;
     }
+
+    /// Stops `kubelet` (its processes killed, its pods deleted at once, so the namespace
+    /// can go), then deletes the namespace.
+    pub async fn delete_after(self, kubelet: control::kubelet::Kubelet) {
+        kubelet.shutdown().await;
+        self.delete().await;
+    }
 }
 
 /// Installs (or updates) the CRD and waits until it is Established.
