@@ -1,12 +1,11 @@
-//! End to end on a real API server (skipped without `BKPOOL_TEST_KUBECONFIG`): two
-//! `bkpool gateway --kubernetes` processes, running as the gateway ServiceAccount with the RBAC
-//! from `deploy/`, serve a pool the operator reconciled. A client connection to the sleeping
-//! pool is held while the gateway scales the workload up through `/scale`; the test plays the
-//! scheduler and kubelet (binds the pod, marks it Ready with a loopback IP behind which a
-//! buildkitd stand-in speaks mTLS with the pool's backend certificate), and the held
-//! connection is relayed. Then the pool goes idle, the controller drains it through its
-//! status, every gateway acknowledges, and it is scaled to zero; the next connection wakes it
-//! again.
+//! End to end on a real API server (skipped without `BKPOOL_TEST_KUBECONFIG` or BuildKit):
+//! two `bkpool gateway --kubernetes` processes, running as the gateway ServiceAccount with the
+//! RBAC from `deploy/`, serve a pool the operator reconciled. A client connection to the
+//! sleeping pool is held while the gateway scales the workload up through `/scale`; the process
+//! kubelet runs the operator's pod (the real buildkitd, mTLS with the pool's backend
+//! certificate), and the held connection reaches it. Then the pool goes idle, the controller
+//! drains it through its status, every gateway acknowledges, and it is scaled to zero; the next
+//! connection wakes it again.
 
 #[path = "../control/tests/support/mod.rs"]
 mod cluster;
@@ -23,20 +22,20 @@ use cluster::{
     test_config,
 };
 use control::crd::{BuildKitPool, Phase};
+use control::kubelet::Kubelet;
 use control::pki::Ca;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Endpoints, Pod, Secret, Service};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::{Client, ResourceExt};
+use kube::Client;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use proxy::names::{ClientIdentity, PoolId};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::ServerName;
 use serde_json::json;
 use support::{Listening, http_get, spawn_listening};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
 const WAIT: Duration = Duration::from_secs(60);
 const POOL: &str = "e2e";
@@ -129,49 +128,6 @@ fn secret_text(secret: &Secret, key: &str) -> String {
     String::from_utf8(data[key].0.clone()).unwrap()
 }
 
-/// buildkitd's stand-in: mTLS with the pool's backend certificate (clients must present a
-/// certificate of the backend CA: the gateway's), then echo.
-async fn backend(secret: &Secret, addr: SocketAddr) -> tokio::task::JoinHandle<()> {
-    let chain: Vec<_> = CertificateDer::pem_slice_iter(secret_text(secret, "tls.crt").as_bytes())
-        .map(Result::unwrap)
-        .collect();
-    let key = PrivateKeyDer::from_pem_slice(secret_text(secret, "tls.key").as_bytes()).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in CertificateDer::pem_slice_iter(secret_text(secret, "ca.crt").as_bytes()) {
-        roots.add(ca.unwrap()).unwrap();
-    }
-    let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
-        .build()
-        .unwrap();
-    let mut config = rustls::ServerConfig::builder()
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let acceptor = TlsAcceptor::from(Arc::new(config));
-    let listener = TcpListener::bind(addr).await.expect("bind the pod address");
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                return;
-            };
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let mut buf = [0u8; 1024];
-                while let Ok(n) = tls.read(&mut buf).await {
-                    if n == 0 || tls.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                    let _ = tls.flush().await;
-                }
-            });
-        }
-    })
-}
-
 /// A client of the pool: a certificate from the pool's client CA, trusting that CA.
 fn client_config(client_ca: &Secret, ns: &str, dir: &Path) -> Arc<rustls::ClientConfig> {
     let ca = Ca::from_pem(
@@ -197,9 +153,9 @@ fn client_config(client_ca: &Secret, ns: &str, dir: &Path) -> Arc<rustls::Client
     support::local::client_config(&tlsdir)
 }
 
-/// Connects through `gateway` as a pool client and checks an echo round trip; returns the
-/// open stream.
-async fn round_trip(
+/// Connects through `gateway` as a pool client and starts HTTP/2 as buildctl does; returns the
+/// open stream once buildkitd's own SETTINGS frame came back through it.
+async fn h2_hello(
     gateway: SocketAddr,
     config: &Arc<rustls::ClientConfig>,
     ns: &str,
@@ -210,67 +166,16 @@ async fn round_trip(
         .connect(name, tcp)
         .await
         .expect("handshake with the gateway");
-    tls.write_all(b"ping").await.unwrap();
+    tls.write_all(control::standin::H2_PREFACE).await.unwrap();
+    tls.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
     tls.flush().await.unwrap();
-    let mut buf = [0u8; 4];
-    tokio::time::timeout(WAIT, tls.read_exact(&mut buf))
+    let mut frame = [0u8; 9];
+    tokio::time::timeout(WAIT, tls.read_exact(&mut frame))
         .await
-        .expect("echo within the wake timeout")
-        .expect("echo through the gateway");
-    assert_eq!(&buf, b"ping");
+        .expect("an answer within the wake timeout")
+        .expect("buildkitd's first frame through the gateway");
+    assert_eq!(frame[3], 4, "a SETTINGS frame: {frame:?}");
     tls
-}
-
-/// Plays the scheduler and the kubelet for the pool's newest pending pod: binds it to the
-/// node and marks it Running and Ready at `ip`.
-async fn start_pod(client: &Client, ns: &str, ip: IpAddr) -> String {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let pod = eventually("a pod of the woken workload", WAIT, || async {
-        let lp = ListParams::default().labels(&format!("bkpool.dev/pool={POOL}"));
-        pods.list(&lp).await.ok()?.items.into_iter().find(|p| {
-            p.metadata.deletion_timestamp.is_none()
-                && p.spec.as_ref().is_some_and(|s| s.node_name.is_none())
-        })
-    })
-    .await;
-    let node = std::env::var("KUBE_LOCAL_NODE").unwrap_or_else(|_| "kube-local-node".into());
-    let binding = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": pod.name_any()},
-        "target": {"apiVersion": "v1", "kind": "Node", "name": node}});
-    let url = format!("/api/v1/namespaces/{ns}/pods/{}/binding", pod.name_any());
-    let request = http::Request::post(url)
-        .header("content-type", "application/json")
-        .body(serde_json::to_vec(&binding).unwrap())
-        .unwrap();
-    client
-        .request::<serde_json::Value>(request)
-        .await
-        .expect("bind the pod");
-    let ready = json!({"status": {"phase": "Running", "hostIP": "127.0.0.1", "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}],
-        "conditions": [{"type": "Ready", "status": "True"}, {"type": "ContainersReady", "status": "True"},
-                       {"type": "PodScheduled", "status": "True"}, {"type": "Initialized", "status": "True"}]}});
-    pods.patch_status(
-        &pod.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&ready),
-    )
-    .await
-    .expect("mark the pod ready");
-    pod.name_any()
-}
-
-/// Plays the kubelet for pods being deleted: without one they would stay Terminating.
-async fn finish_deleted_pods(client: &Client, ns: &str) {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let lp = ListParams::default().labels(&format!("bkpool.dev/pool={POOL}"));
-    for pod in pods.list(&lp).await.map(|l| l.items).unwrap_or_default() {
-        if pod.metadata.deletion_timestamp.is_some() {
-            let now = DeleteParams {
-                grace_period_seconds: Some(0),
-                ..DeleteParams::default()
-            };
-            let _ = pods.delete(&pod.name_any(), &now).await;
-        }
-    }
 }
 
 async fn replicas(client: &Client, ns: &str) -> i32 {
@@ -303,6 +208,9 @@ async fn a_held_connection_wakes_the_pool_and_an_idle_pool_drains_to_zero() {
         return;
     };
     let Some(_) = test_config().await else {
+        return;
+    };
+    let Some(buildkit) = control::testkit::buildkit() else {
         return;
     };
     install_crd(&client).await;
@@ -343,7 +251,8 @@ async fn a_held_connection_wakes_the_pool_and_an_idle_pool_drains_to_zero() {
     let pools: Api<BuildKitPool> = Api::namespaced(client.clone(), &ns.name);
     let pool: BuildKitPool = serde_json::from_value(json!({
         "apiVersion": "bkpool.dev/v1alpha1", "kind": "BuildKitPool", "metadata": {"name": POOL},
-        "spec": {"scaling": {"idleAfter": "2s", "minUpAfterWake": "0s", "wakeTimeout": "60s"}}
+        "spec": {"scaling": {"idleAfter": "2s", "minUpAfterWake": "0s", "wakeTimeout": "60s"},
+                 "workload": {"security": "Privileged"}}
     }))
     .unwrap();
     pools.create(&PostParams::default(), &pool).await.unwrap();
@@ -359,7 +268,7 @@ async fn a_held_connection_wakes_the_pool_and_an_idle_pool_drains_to_zero() {
     .await;
 
     // Two gateway replicas on their own loopback addresses, same ports.
-    let (g1, g2, pod_ip) = (loopback(1), loopback(2), loopback(3));
+    let (g1, g2) = (loopback(1), loopback(2));
     let ports = free_ports(g1);
     let gateways = [
         start_gateway(g1, ports, &ns.name, &gateway_kubeconfig, dir.path()),
@@ -375,15 +284,12 @@ async fn a_held_connection_wakes_the_pool_and_an_idle_pool_drains_to_zero() {
 
     let client_ca = secrets.get(&format!("{POOL}-client-ca")).await.unwrap();
     let config = client_config(&client_ca, &ns.name, dir.path());
-    let buildkitd_tls = secrets.get(&format!("{POOL}-buildkitd-tls")).await.unwrap();
-    let pod_addr = SocketAddr::new(pod_ip, 1234);
-    let stand_in = backend(&buildkitd_tls, pod_addr).await;
 
     // A connection to the sleeping pool is held while the gateway wakes it.
     assert_eq!(replicas(&client, &ns.name).await, 0);
     let held = tokio::spawn({
         let (config, ns) = (config.clone(), ns.name.clone());
-        async move { round_trip(gateways_listen(g1, ports.0), &config, &ns).await }
+        async move { h2_hello(gateways_listen(g1, ports.0), &config, &ns).await }
     });
     eventually("the gateway scaled the workload up", WAIT, || async {
         (replicas(&client, &ns.name).await == 1).then_some(())
@@ -391,7 +297,10 @@ async fn a_held_connection_wakes_the_pool_and_an_idle_pool_drains_to_zero() {
     .await;
     let (_, activity) = http_get(gateways[0].admin, "/activity").await;
     assert!(activity.contains("\"held\":1"), "{activity}");
-    start_pod(&client, &ns.name, pod_ip).await;
+    // Only now does anything run pods: the connection was held until here.
+    let kubelet = Kubelet::builder(client.clone(), &ns.name)
+        .buildkit(&buildkit)
+        .start();
     let first = tokio::time::timeout(WAIT, held)
         .await
         .expect("the held connection was served")
@@ -406,7 +315,7 @@ async fn a_held_connection_wakes_the_pool_and_an_idle_pool_drains_to_zero() {
         1.0
     );
     // The other replica routes at once: its pod watch saw the same pod.
-    let second = round_trip(gateways_listen(g2, ports.0), &config, &ns.name).await;
+    let second = h2_hello(gateways_listen(g2, ports.0), &config, &ns.name).await;
     eventually("the pool Ready", WAIT, || async {
         let status = pools.get(POOL).await.ok()?.status?;
         (status.phase == Some(Phase::Ready)).then_some(())
@@ -420,7 +329,6 @@ async fn a_held_connection_wakes_the_pool_and_an_idle_pool_drains_to_zero() {
 
     // Idle: drained through the status, acknowledged by both gateways, scaled to zero.
     eventually("the pool drained and scaled to zero", WAIT, || async {
-        finish_deleted_pods(&client, &ns.name).await;
         (replicas(&client, &ns.name).await == 0).then_some(())
     })
     .await;
@@ -428,7 +336,6 @@ async fn a_held_connection_wakes_the_pool_and_an_idle_pool_drains_to_zero() {
         "the pool Sleeping, its drain mark cleared",
         WAIT,
         || async {
-            finish_deleted_pods(&client, &ns.name).await;
             let status = pools.get(POOL).await.ok()?.status?;
             (status.phase == Some(Phase::Sleeping) && status.draining_since.is_none()).then_some(())
         },
@@ -445,13 +352,12 @@ async fn a_held_connection_wakes_the_pool_and_an_idle_pool_drains_to_zero() {
     // The next connection, through the other replica, wakes it again.
     let again = tokio::spawn({
         let (config, ns) = (config.clone(), ns.name.clone());
-        async move { round_trip(gateways_listen(g2, ports.0), &config, &ns).await }
+        async move { h2_hello(gateways_listen(g2, ports.0), &config, &ns).await }
     });
     eventually("woken again", WAIT, || async {
         (replicas(&client, &ns.name).await == 1).then_some(())
     })
     .await;
-    start_pod(&client, &ns.name, pod_ip).await;
     drop(
         tokio::time::timeout(WAIT, again)
             .await
@@ -506,7 +412,6 @@ async fn a_held_connection_wakes_the_pool_and_an_idle_pool_drains_to_zero() {
         "delete a pod",
     );
 
-    stand_in.abort();
     for mut g in gateways {
         let _ = g.child.kill();
         let _ = g.child.wait();
@@ -519,7 +424,7 @@ async fn a_held_connection_wakes_the_pool_and_an_idle_pool_drains_to_zero() {
         let _ = bindings.delete(&name, &DeleteParams::default()).await;
         let _ = roles.delete(&name, &DeleteParams::default()).await;
     }
-    ns.delete().await;
+    ns.delete_after(kubelet).await;
 }
 
 fn gateways_listen(ip: IpAddr, port: u16) -> SocketAddr {

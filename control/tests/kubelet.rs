@@ -410,3 +410,62 @@ async fn a_deployments_pods_are_scheduled_and_count_as_available() {
     assert_eq!(ips.len(), 2, "one IP per pod: {ips:?}");
     ns.delete_after(kubelet).await;
 }
+
+#[tokio::test]
+async fn what_it_cannot_run_faithfully_is_refused_with_a_reason() {
+    let Some((client, ns, _)) = setup("kl-refuse").await else {
+        return;
+    };
+    let kubelet = Kubelet::builder(client.clone(), &ns.name).start();
+    let sleeper = json!({"name": "c", "image": "busybox", "command": ["sleep", "100"]});
+    let mut rootless = sleeper.clone();
+    rootless["securityContext"] = json!({"runAsUser": 4242});
+    let refused = [
+        (
+            "other-user",
+            json!({"containers": [rootless]}),
+            "runAsUser 4242",
+        ),
+        (
+            "init",
+            json!({"initContainers": [{"name": "i", "image": "busybox", "command": ["true"]}], "containers": [sleeper.clone()]}),
+            "init containers",
+        ),
+        (
+            "host-path",
+            json!({"containers": [sleeper.clone()], "volumes": [{"name": "h", "hostPath": {"path": "/etc"}}]}),
+            "volume h",
+        ),
+        (
+            "no-program",
+            json!({"containers": [{"name": "c", "image": "registry.example/unknown:1"}]}),
+            "no local program for registry.example/unknown",
+        ),
+    ];
+    for (name, spec, _) in &refused {
+        let _: Pod = create(
+            &client,
+            &ns.name,
+            json!({"metadata": {"name": name}, "spec": spec}),
+        )
+        .await;
+    }
+    for (name, _, reason) in refused {
+        let pod = pod_until(&client, &ns.name, name, "refused", &kubelet, |p| {
+            p.status
+                .as_ref()
+                .is_some_and(|s| s.container_statuses.is_some())
+        })
+        .await;
+        let waiting = container_status(&pod).state.unwrap().waiting.unwrap();
+        assert_eq!(
+            waiting.reason.as_deref(),
+            Some("CreateContainerConfigError"),
+            "{name}"
+        );
+        let message = waiting.message.unwrap_or_default();
+        assert!(message.contains(reason), "{name}: {message}");
+        assert_eq!(phase(&pod), "Pending");
+    }
+    ns.delete_after(kubelet).await;
+}

@@ -36,6 +36,7 @@ impl Launch {
         ip: Ipv4Addr,
         pod_dir: &Path,
     ) -> Result<Self, PrepareError> {
+        refuse_other_users(pod, container)?;
         let rewrite = Rewrite::new(volumes.mounts(container)?, ip);
         let defined = env::resolve(&node.client, pod, container, ip).await?;
         let expand = |s: &String| rewrite.apply(&env::expand(s, &defined));
@@ -100,5 +101,31 @@ impl Launch {
             .stdout(log.try_clone()?)
             .stderr(log);
         Ok(command)
+    }
+}
+
+/// Every process runs as the kubelet's own user: a pod that asks for another one (a rootless
+/// buildkitd, `runAsUser: 1000`) would run as something it did not ask for, so it is refused
+/// with a reason instead.
+fn refuse_other_users(pod: &Pod, container: &Container) -> Result<(), PrepareError> {
+    let pod_user = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.security_context.as_ref())
+        .and_then(|s| s.run_as_user);
+    let user = container
+        .security_context
+        .as_ref()
+        .and_then(|s| s.run_as_user)
+        .or(pod_user);
+    let own = rustix::process::geteuid().as_raw();
+    match user {
+        Some(user) if i64::from(own) != user => Err(PrepareError::Unsupported {
+            what: format!(
+                "runAsUser {user} (every container runs as the kubelet's uid {own}; \
+                 for buildkitd, use a privileged pool)"
+            ),
+        }),
+        _ => Ok(()),
     }
 }

@@ -24,11 +24,13 @@
 //! ```
 //!
 //! What differs from a real node: processes run as the kubelet's user on the host's
-//! filesystem and network (no image, no `securityContext`, no resource limits, no
-//! `nodeSelector` or affinity), each in its own process group; paths a program has compiled
-//! in are not rewritten; Secret and ConfigMap files are written once, at start; liveness and
-//! startup probes, init containers, `hostPath` and `downwardAPI` volumes are not run or
-//! refused with a reason in the container's waiting state.
+//! filesystem and network (no image, no resource limits, no `nodeSelector` or affinity), each
+//! in its own process group; a container asking for another user (`runAsUser`, as a rootless
+//! buildkitd does) is refused, so pools the process kubelet runs are `security: Privileged`;
+//! paths a program has compiled in are not rewritten; Secret and ConfigMap files are written
+//! once, at start; liveness and startup probes are not run; init containers, `hostPath` and
+//! `downwardAPI` volumes are refused. A refusal shows as the container's waiting reason
+//! (`CreateContainerConfigError`) with a message naming what was refused.
 
 mod env;
 mod ips;

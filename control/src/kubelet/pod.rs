@@ -242,6 +242,14 @@ impl Worker {
             };
             (reason, e.to_string())
         };
+        let spec = self.pod.spec.as_ref();
+        if spec
+            .and_then(|s| s.init_containers.as_ref())
+            .is_some_and(|c| !c.is_empty())
+        {
+            let what = "init containers".to_owned();
+            return Err(failed(super::volumes::PrepareError::Unsupported { what }));
+        }
         let volumes = Volumes::materialize(&self.node.client, &self.pod, &self.dir, &claims)
             .await
             .map_err(failed)?;

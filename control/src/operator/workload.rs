@@ -406,6 +406,11 @@ fn write_error<K: kube::Resource<DynamicType = ()>>(
 
 fn container(pool: &BuildKitPool, rootless: bool) -> Container {
     let w = &pool.spec.workload;
+    let data_dir = if rootless {
+        "/home/user/.local/share/buildkit"
+    } else {
+        "/var/lib/buildkit"
+    };
     let mut args = vec![
         format!("--addr={SOCKET}"),
         format!("--addr=tcp://0.0.0.0:{BUILDKITD_PORT}"),
@@ -413,16 +418,14 @@ fn container(pool: &BuildKitPool, rootless: bool) -> Container {
         format!("--tlskey={TLS_DIR}/tls.key"),
         format!("--tlscacert={TLS_DIR}/ca.crt"),
         format!("--config={CONFIG_DIR}/{CONFIG_KEY}"),
+        // Named, not left to the image's user and defaults: the cache volume is mounted
+        // here, and a StatefulSet's claim keeps it across sleep.
+        format!("--root={data_dir}"),
     ];
     if rootless {
         args.push("--oci-worker-no-process-sandbox".into());
     }
     args.extend(w.args.iter().cloned());
-    let data_dir = if rootless {
-        "/home/user/.local/share/buildkit"
-    } else {
-        "/var/lib/buildkit"
-    };
     let mount = |name: &str, path: &str, read_only: bool| VolumeMount {
         name: name.into(),
         mount_path: path.into(),
@@ -531,6 +534,17 @@ mod tests {
         let args = c.args.as_ref().unwrap();
         assert!(args.contains(&"--tlscacert=/etc/bkpool/tls/ca.crt".to_owned()));
         assert!(args.contains(&"--oci-worker-no-process-sandbox".to_owned()));
+        let cache = c
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.name == "cache");
+        let root = format!("--root={}", cache.unwrap().mount_path);
+        assert!(
+            args.contains(&root),
+            "state where the cache volume is: {args:?}"
+        );
         let probe = c.readiness_probe.as_ref().unwrap().exec.as_ref().unwrap();
         assert_eq!(
             probe.command.as_ref().unwrap()[3..],
