@@ -302,11 +302,11 @@ async fn deletion_is_sigterm_then_sigkill_after_the_grace_and_a_claim_outlives_i
         "metadata": {"name": "data"},
         "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}
     })).await;
-    // Notes SIGTERM in the claim, then ignores it: only SIGKILL ends it.
-    // (`$$$$` is the shell's `$$`: Kubernetes reads `$$` as an escaped `$`.)
+    // Notes SIGTERM in the claim, then ignores it: only SIGKILL ends it. It also leaves a
+    // detached process behind, which must go with the pod.
     let stubborn = r#"
         trap 'echo TERM >> /data/signals' TERM
-        echo $$$$ > /data/pid
+        setsid sh -c 'sleep 1000; : /data' &
         n=$(cat /data/runs 2>/dev/null || echo 0); echo $((n + 1)) > /data/runs
         while true; do sleep 0.1; done
     "#;
@@ -327,9 +327,11 @@ async fn deletion_is_sigterm_then_sigkill_after_the_grace_and_a_claim_outlives_i
     })
     .await;
     let claim = kubelet.claim_dir("data");
-    let pid_file = claim.join("pid");
-    let pid: u32 = eventually("the pid written", WAIT, || async {
-        std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok()
+    // Its processes name the claim's directory: /data was rewritten to it.
+    let marker = claim.to_string_lossy().into_owned();
+    let tree = eventually("the pod's processes", WAIT, || async {
+        let tree = family(&marker);
+        (tree.len() >= 3).then_some(tree)
     })
     .await;
 
@@ -351,10 +353,8 @@ async fn deletion_is_sigterm_then_sigkill_after_the_grace_and_a_claim_outlives_i
         std::fs::read_to_string(claim.join("signals")).unwrap(),
         "TERM\n"
     );
-    assert!(
-        !std::path::Path::new(&format!("/proc/{pid}")).exists() || zombie(pid),
-        "killed"
-    );
+    let left: Vec<_> = tree.iter().filter(|&&p| alive(p)).collect();
+    assert!(left.is_empty(), "killed, detached ones too: {left:?}");
 
     // The next pod on the same claim finds what the first one left.
     let _: Pod = create(&client, &ns.name, pod("second")).await;
@@ -369,10 +369,47 @@ async fn deletion_is_sigterm_then_sigkill_after_the_grace_and_a_claim_outlives_i
     ns.delete_after(kubelet).await;
 }
 
-fn zombie(pid: u32) -> bool {
+/// Whether `pid` is a live process (a zombie counts as gone).
+fn alive(pid: u32) -> bool {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     stat.rsplit_once(')')
-        .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+}
+
+/// The processes whose command line contains `text`, and everything below them.
+fn family(text: &str) -> Vec<u32> {
+    let pids = || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+    };
+    let parent = |pid: u32| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        after
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<u32>().ok())
+    };
+    let mut found: Vec<u32> = pids()
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            String::from_utf8_lossy(&cmdline).contains(text)
+        })
+        .collect();
+    let mut i = 0;
+    while i < found.len() {
+        let below: Vec<u32> = pids().filter(|&p| parent(p) == Some(found[i])).collect();
+        found.extend(
+            below
+                .into_iter()
+                .filter(|p| !found.contains(p))
+                .collect::<Vec<_>>(),
+        );
+        i += 1;
+    }
+    found
 }
 
 #[tokio::test]

@@ -378,17 +378,17 @@ impl Worker {
                 self.signal_all(Signal::TERM);
                 let deadline = Instant::now() + grace;
                 self.reap_until(deadline).await;
-                self.signal_all(Signal::KILL);
+                self.kill_all();
                 self.reap_until(Instant::now() + REAP).await;
                 self.write_status().await;
                 self.delete().await;
             }
             End::Gone => {
-                self.signal_all(Signal::KILL);
+                self.kill_all();
                 self.reap_until(Instant::now() + REAP).await;
             }
             End::Shutdown => {
-                self.signal_all(Signal::KILL);
+                self.kill_all();
                 self.reap_until(Instant::now() + REAP).await;
                 self.delete().await;
             }
@@ -413,12 +413,20 @@ impl Worker {
         }
     }
 
+    /// Sends `signal` to every container's process group (its shim, when it has its own
+    /// namespaces, which passes it on).
     fn signal_all(&self, signal: Signal) {
         for pid in self.slots.iter().filter_map(|s| s.pid) {
-            // Each container runs in its own process group: the whole group gets the signal.
             if let Some(pgid) = i32::try_from(pid).ok().and_then(Pid::from_raw) {
                 let _ = rustix::process::kill_process_group(pgid, signal);
             }
+        }
+    }
+
+    /// Kills every container with everything it started.
+    fn kill_all(&self) {
+        for pid in self.slots.iter().filter_map(|s| s.pid) {
+            let _ = self.node.spawner.kill(pid);
         }
     }
 
