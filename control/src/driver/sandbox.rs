@@ -331,7 +331,7 @@ unsafe fn close_all_but(keep: c_int) {
         }
         // SAFETY: close_range(2) on this process's own descriptors.
         let done =
-            unsafe { libc::syscall(libc::SYS_close_range, first as u32, last as u32, 0 as u32) };
+            unsafe { libc::syscall(libc::SYS_close_range, first as u32, last as u32, 0_u32) };
         if done != 0 {
             // An older kernel: close one by one, up to a generous bound.
             for fd in first..=last.min(65_535) {
