@@ -134,7 +134,7 @@ fn bad_configurations_and_missing_programs_are_refused_before_anything_starts() 
 
     std::fs::write(
         &config,
-        "listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[[pool]]\nname = \"a\"\n[pool.replica]\ncommand = [\"bkpool-no-such-buildkitd\"]\n",
+        "listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[[pool]]\nname = \"a\"\n[pool.replica]\ncommand = [\"bkpool-no-such-buildkitd\", \"--tlscert={tls}/cert.pem\"]\n",
     )
     .unwrap();
     let out = bkpool(&[

@@ -6,6 +6,7 @@
 //! - [`https`]: the small outbound HTTPS client (OIDC issuers, API server, `bkpool login`).
 //! - [`scale`]: scale to zero and back: the scaler, wake on connect, the driver seam.
 //! - [`local_config`]: the `bkpool local` configuration (pools, scaling, replica commands).
+//! - [`backend_leg`]: the mTLS leg from `bkpool local`'s gateway to its replicas.
 //! - [`health`]: replica readiness, a gRPC health check over h2c or (m)TLS.
 //! - [`standin`]: the built-in stand-in backend (gRPC health + raw echo on one port).
 //! - [`driver`]: starting and stopping replicas (local processes).
@@ -17,6 +18,7 @@
 //! - `testkit` (feature `test-util`): how a test skips (never silently), and what tests need
 //!   from outside the project (an API server, BuildKit, openssl).
 pub mod auth;
+pub mod backend_leg;
 pub mod certapi;
 pub mod crd;
 pub mod driver;
