@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod backends;
+pub mod buildkit;
 pub mod local;
 pub mod metrics;
 
