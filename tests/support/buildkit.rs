@@ -1,18 +1,100 @@
 //! The real BuildKit in tests: `buildctl` calls with their output kept, a small build context
-//! whose `RUN` steps execute a static busybox (so runc runs too), and the processes a test
-//! must see gone.
+//! whose `RUN` steps execute a static busybox (so runc runs too), a buildkitd of the test's
+//! own, and the processes a test must see gone.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
+use control::driver::local::{LocalDriver, ProcessSpec};
 use control::testkit::BuildKit;
+use proxy::names::PoolId;
 
 /// What a test needs to build: BuildKit and a static busybox, or a skip.
 pub fn tools() -> Option<(BuildKit, PathBuf)> {
     let buildkit = control::testkit::buildkit()?;
     let busybox = control::testkit::static_busybox()?;
     Some((buildkit, busybox))
+}
+
+/// A buildkitd started by the test on a free loopback port, through bkpool's own process
+/// driver: in its own PID and mount namespace, so nothing of it (runc, build steps, overlay
+/// mounts) outlives the test. Killed on drop.
+pub struct Daemon {
+    pub addr: SocketAddr,
+    /// How a client reaches it directly.
+    pub endpoint: Endpoint,
+    _driver: LocalDriver,
+    _dir: tempfile::TempDir,
+}
+
+/// The mTLS a [`Daemon`] serves.
+pub struct DaemonTls<'a> {
+    /// `ca.pem` (the CA its clients must come from), its own `cert.pem` and `key.pem`; the
+    /// certificate must name 127.0.0.1.
+    pub serve: &'a Path,
+    /// A `--tlsdir` its clients can use (to find out when it is ready).
+    pub client: &'a Path,
+}
+
+impl Daemon {
+    /// Starts buildkitd, serving `tls` or plaintext; returns once it answers
+    /// `buildctl debug workers`.
+    pub async fn start(buildkit: &BuildKit, tls: Option<DaemonTls<'_>>) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let driver = LocalDriver::new(dir.path().to_path_buf(), port..=port);
+        let mut args: Vec<String> = ["--addr", "tcp://{addr}", "--root", "{root}"]
+            .map(String::from)
+            .into();
+        if let Some(tls) = &tls {
+            let files = [
+                ("--tlscacert", "ca.pem"),
+                ("--tlscert", "cert.pem"),
+                ("--tlskey", "key.pem"),
+            ];
+            for (flag, file) in files {
+                args.push(flag.into());
+                args.push(tls.serve.join(file).display().to_string());
+            }
+        }
+        let spec = ProcessSpec {
+            program: buildkit.buildkitd.clone(),
+            args,
+            env: Vec::new(),
+            grace: Duration::from_secs(5),
+        };
+        let pool = PoolId::new("test", "daemon").unwrap();
+        let replica = driver.start(&pool, &spec).await.expect("buildkitd starts");
+        let endpoint = match &tls {
+            Some(tls) => Endpoint::tls(replica.addr, tls.client),
+            None => Endpoint {
+                addr: format!("tcp://{}", replica.addr),
+                tlsdir: None,
+                server_name: None,
+            },
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while let Err(error) = workers(buildkit, &endpoint).await {
+            let log = std::fs::read_to_string(&replica.log).unwrap_or_default();
+            let late = std::time::Instant::now() > deadline;
+            assert!(!late, "buildkitd never answered: {error}\nits log:\n{log}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Daemon {
+            addr: replica.addr,
+            endpoint,
+            _driver: driver,
+            _dir: dir,
+        }
+    }
+}
+
+/// A loopback port free right now.
+fn free_port() -> u16 {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    probe.local_addr().unwrap().port()
 }
 
 /// How `buildctl` reaches its server.
