@@ -280,6 +280,47 @@ async fn a_pool_becomes_its_objects_updates_them_and_then_writes_nothing() {
 }
 
 #[tokio::test]
+async fn a_pool_created_awake_gets_one_pod_template_with_its_real_hashes() {
+    let Some(client) = test_client().await else {
+        return;
+    };
+    install_crd(&client).await;
+    let ns = TestNamespace::create(&client, "bkp-awake").await;
+    let controller = RunningController::start(&client, &ns.name);
+    let spec = json!({"scaling": {"minReplicas": 1}});
+    create_pool(&client, &ns.name, "awake", spec).await.unwrap();
+    wait_phase(&client, &ns.name, "awake", Phase::Waking).await;
+    // Give a second revision, if one is coming, time to arrive.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let deployment = deployments.get("awake-buildkitd").await.unwrap();
+    let template = deployment.spec.unwrap().template.metadata.unwrap();
+    let annotations = template.annotations.unwrap();
+    let configs: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
+    let config = configs.get("awake-buildkitd-config").await.unwrap();
+    let toml = &config.data.unwrap()["buildkitd.toml"];
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let tls = secrets.get("awake-buildkitd-tls").await.unwrap();
+    let cert = &tls.data.unwrap()["tls.crt"].0;
+    use control::operator::objects::content_hash;
+    assert_eq!(
+        annotations["bkpool.dev/config-hash"],
+        content_hash(&[toml.as_bytes()]),
+        "the hash of the configuration the pod reads"
+    );
+    assert_eq!(annotations["bkpool.dev/tls-hash"], content_hash(&[cert]));
+    // One revision of the pod template: the first pod is not replaced a moment later.
+    assert_eq!(deployment.metadata.generation, Some(1), "{annotations:?}");
+    let sets: Api<k8s_openapi::api::apps::v1::ReplicaSet> =
+        Api::namespaced(client.clone(), &ns.name);
+    let revisions = sets.list(&ListParams::default()).await.unwrap().items.len();
+    assert_eq!(revisions, 1, "ReplicaSets of the Deployment");
+    controller.stop().await;
+    ns.delete().await;
+}
+
+#[tokio::test]
 async fn an_invalid_pool_is_reported_and_creates_nothing() {
     let Some(client) = test_client().await else {
         return;

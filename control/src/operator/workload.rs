@@ -26,7 +26,7 @@ use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, PostParams};
 
 use super::apply::{self, Outcome, kind_of};
-use super::buildkitd::CONFIG_KEY;
+use super::buildkitd::{self, CONFIG_KEY};
 use super::context::{Context, cached};
 use super::error::Error;
 use super::objects::{BUILDKITD_PORT, PoolNames, content_hash, owned_meta, selector};
@@ -275,34 +275,30 @@ pub async fn delete_wake_jobs(client: &kube::Client, pool: &BuildKitPool) -> Res
     Ok(deleted)
 }
 
-/// What the pod template depends on, read from the caches.
-pub fn inputs(pool: &BuildKitPool, ctx: &Context) -> Inputs {
+/// What the pod template depends on: the configuration this pass applied, and the TLS
+/// certificate from the cache. `None` while the certificate's Secret is not in the cache yet
+/// (the PKI reconciler has just created it): a template applied now would carry the hash of
+/// nothing, and a second revision, replacing the first pod, would follow the moment the
+/// Secret arrived. Its arrival reconciles the pool again.
+pub fn inputs(pool: &BuildKitPool, ctx: &Context) -> Option<Inputs> {
     let names = PoolNames::of(pool);
-    let config = cached(
-        &ctx.stores.config_maps,
-        &names.namespace,
-        &names.config_map(),
-    );
-    let config_text = config
-        .and_then(|cm| cm.data.as_ref().and_then(|d| d.get(CONFIG_KEY).cloned()))
-        .unwrap_or_default();
+    let config = buildkitd::desired(pool);
+    let config_text = config.data.as_ref().and_then(|d| d.get(CONFIG_KEY));
     let tls_name = match pool.spec.gateway.mode {
         GatewayMode::Passthrough => names.gateway_tls(),
         GatewayMode::Terminate => names.buildkitd_tls(),
     };
-    let tls = ctx.stores.secret(&names.namespace, &tls_name);
-    let cert = tls.and_then(|s| s.data.as_ref().and_then(|d| d.get("tls.crt").cloned()));
-    Inputs {
-        config_hash: content_hash(&[config_text.as_bytes()]),
-        tls_hash: content_hash(&[&cert.map(|c| c.0).unwrap_or_default()]),
-    }
+    let tls = ctx.stores.secret(&names.namespace, &tls_name)?;
+    let cert = tls.data.as_ref()?.get("tls.crt")?;
+    Some(Inputs {
+        config_hash: content_hash(&[config_text.map_or(&[][..], |t| t.as_bytes())]),
+        tls_hash: content_hash(&[&cert.0]),
+    })
 }
 
 pub async fn reconcile(pool: &BuildKitPool, ctx: &Context) -> Result<(), Error> {
     let names = PoolNames::of(pool);
     let (ns, name) = (names.namespace.as_str(), names.buildkitd());
-    let inputs = inputs(pool, ctx);
-    let min = Some(pool.spec.scaling.min_replicas);
     let kind = pool.spec.workload.kind;
     if kind != WorkloadKind::Deployment && cached(&ctx.stores.deployments, ns, &name).is_some() {
         delete::<Deployment>(ctx, ns, &name).await?;
@@ -310,6 +306,11 @@ pub async fn reconcile(pool: &BuildKitPool, ctx: &Context) -> Result<(), Error> 
     if kind != WorkloadKind::StatefulSet && cached(&ctx.stores.stateful_sets, ns, &name).is_some() {
         delete::<StatefulSet>(ctx, ns, &name).await?;
     }
+    let Some(inputs) = inputs(pool, ctx) else {
+        tracing::debug!(namespace = ns, workload = %name, "TLS Secret not cached yet; the workload waits for it");
+        return Ok(());
+    };
+    let min = Some(pool.spec.scaling.min_replicas);
     match kind {
         WorkloadKind::Deployment => {
             let current = cached(&ctx.stores.deployments, ns, &name);
