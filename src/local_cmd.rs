@@ -83,6 +83,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         async move { scaler.run(activity, stop).await }
     });
     tracing::info!(state_dir = %state_dir.display(), pki = %pki.dir().display(), pools = config.pools.len(), "bkpool local ready");
+    // So that `bkpool cert issue` finds this state directory (and PKI) without being told.
+    let _registration = crate::instances::register(&state_dir, args.config.as_deref());
 
     let stop = running.shutdown_token();
     tokio::select! {

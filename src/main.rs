@@ -16,6 +16,7 @@ mod certapi_cmd;
 mod controller_cmd;
 mod demo;
 mod gateway_cmd;
+mod instances;
 mod local_cmd;
 mod login_cmd;
 mod shutdown;
