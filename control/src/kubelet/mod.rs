@@ -75,6 +75,7 @@ pub struct Builder {
     programs: Vec<PathBuf>,
     backoff: Duration,
     root: Option<PathBuf>,
+    readiness_passes: bool,
 }
 
 impl Kubelet {
@@ -88,6 +89,7 @@ impl Kubelet {
             programs: Vec::new(),
             backoff: Duration::from_secs(10),
             root: None,
+            readiness_passes: true,
         }
     }
 
@@ -173,6 +175,13 @@ impl Builder {
         self
     }
 
+    /// Never runs readiness probes: a container that has one stays Running and not Ready, as
+    /// on a node whose probe has not passed yet (for tests of what does not wait for Ready).
+    pub fn readiness_never_passes(mut self) -> Self {
+        self.readiness_passes = false;
+        self
+    }
+
     /// Keep pods and claims under `dir` (default: a temporary directory, removed with the
     /// kubelet). Keep it short: Unix socket paths in volumes must fit 107 bytes.
     pub fn root(mut self, dir: impl Into<PathBuf>) -> Self {
@@ -207,6 +216,7 @@ impl Builder {
             images: self.images,
             programs: self.programs,
             backoff: self.backoff,
+            readiness_passes: self.readiness_passes,
             spawner,
             stop: CancellationToken::new(),
         });
@@ -228,6 +238,7 @@ pub(crate) struct Node {
     images: Vec<(String, PathBuf)>,
     programs: Vec<PathBuf>,
     backoff: Duration,
+    readiness_passes: bool,
     spawner: Spawner,
     stop: CancellationToken,
 }

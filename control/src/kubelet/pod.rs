@@ -308,7 +308,7 @@ impl Worker {
                 status,
             });
         });
-        if let Some(readiness) = launch.readiness {
+        if let Some(readiness) = launch.readiness.filter(|_| self.node.readiness_passes) {
             let tx = self.tx.clone();
             let probe = tokio::spawn(readiness.run(move |ready| {
                 let _ = tx.send(Event::Ready {

@@ -443,7 +443,9 @@ fn container(pool: &BuildKitPool, rootless: bool) -> Container {
             protocol: Some("TCP".into()),
             ..ContainerPort::default()
         }]),
-        // Ready means buildkitd answers a gRPC call, not merely that the process exists.
+        // Ready means buildkitd answers a gRPC call, not merely that the process exists. For
+        // Endpoints, the pool's status and rollouts: a wake does not wait for it (the gateway
+        // probes a Running pod itself, see gateway::starting), so it may stay slow and cheap.
         readiness_probe: Some(probe(2, 5)),
         liveness_probe: Some(probe(30, 30)),
         resources: w.resources.clone(),
