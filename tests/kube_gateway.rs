@@ -23,16 +23,17 @@ use cluster::{
 };
 use control::crd::{BuildKitPool, Phase};
 use control::kubelet::Kubelet;
-use control::pki::Ca;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Endpoints, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use proxy::names::{ClientIdentity, PoolId};
 use rustls::pki_types::ServerName;
 use serde_json::json;
-use support::{Listening, http_get, spawn_listening};
+use support::http_get;
+use support::k8s::{
+    client_tlsdir, free_ports, kubeconfig_with_token, loopback, publish_gateways, start_gateway,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -40,117 +41,9 @@ use tokio_rustls::TlsConnector;
 const WAIT: Duration = Duration::from_secs(60);
 const POOL: &str = "e2e";
 
-/// Loopback addresses for this run (two gateways and the pod), apart from other test runs.
-fn loopback(n: u8) -> IpAddr {
-    let base = 20 + (std::process::id() % 40) as u8 * 5;
-    IpAddr::from([127, 0, 1, base + n])
-}
-
-/// A kubeconfig for the same server acting with `token`.
-fn kubeconfig_with_token(dir: &Path, token: &str) -> std::path::PathBuf {
-    let path = std::env::var("BKPOOL_TEST_KUBECONFIG").unwrap();
-    let admin: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).expect("kubeconfig YAML");
-    let cluster = &admin["clusters"][0]["cluster"];
-    let text = serde_json::to_string(&json!({
-        "apiVersion": "v1", "kind": "Config",
-        "clusters": [{"name": "c", "cluster": {
-            "server": cluster["server"].as_str().unwrap(),
-            "certificate-authority-data": cluster["certificate-authority-data"].as_str().unwrap(),
-        }}],
-        "users": [{"name": "u", "user": {"token": token}}],
-        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
-        "current-context": "x",
-    }))
-    .unwrap();
-    let out = dir.join("gateway.kubeconfig");
-    std::fs::write(&out, text).unwrap();
-    out
-}
-
-/// One `bkpool gateway --kubernetes` replica on `ip`.
-fn start_gateway(
-    ip: IpAddr,
-    ports: (u16, u16),
-    ns: &str,
-    kubeconfig: &Path,
-    dir: &Path,
-) -> Listening {
-    let config = dir.join(format!("gateway-{ip}.toml"));
-    std::fs::write(
-        &config,
-        format!(
-            "listen = \"{ip}:{}\"\nadmin = \"{ip}:{}\"\n[timeouts]\nconnect = \"1s\"\n",
-            ports.0, ports.1
-        ),
-    )
-    .unwrap();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_bkpool"));
-    command
-        .args([
-            "--log-format",
-            "json",
-            "gateway",
-            "--kubernetes",
-            "--namespace",
-            ns,
-        ])
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .arg("--config")
-        .arg(&config)
-        .env("BKPOOL_LOG", "info");
-    spawn_listening(command, "gateway --kubernetes")
-}
-
-/// The gateway Service without a selector, and its Endpoints naming the replicas' admin
-/// addresses: what the controller polls for activity.
-async fn publish_gateways(client: &Client, ns: &str, ips: &[IpAddr], admin_port: u16) {
-    let services: Api<Service> = Api::namespaced(client.clone(), ns);
-    let svc: Service = serde_json::from_value(json!({
-        "metadata": {"name": "bkpool-gateway"},
-        "spec": {"ports": [{"name": "admin", "port": 9235}]}
-    }))
-    .unwrap();
-    services.create(&PostParams::default(), &svc).await.unwrap();
-    let endpoints: Api<Endpoints> = Api::namespaced(client.clone(), ns);
-    let addresses: Vec<_> = ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect();
-    let ep: Endpoints = serde_json::from_value(json!({
-        "metadata": {"name": "bkpool-gateway"},
-        "subsets": [{"addresses": addresses, "ports": [{"name": "admin", "port": admin_port}]}]
-    }))
-    .unwrap();
-    endpoints.create(&PostParams::default(), &ep).await.unwrap();
-}
-
-fn secret_text(secret: &Secret, key: &str) -> String {
-    let data = secret.data.as_ref().expect("secret data");
-    String::from_utf8(data[key].0.clone()).unwrap()
-}
-
 /// A client of the pool: a certificate from the pool's client CA, trusting that CA.
 fn client_config(client_ca: &Secret, ns: &str, dir: &Path) -> Arc<rustls::ClientConfig> {
-    let ca = Ca::from_pem(
-        &secret_text(client_ca, "ca.crt"),
-        &secret_text(client_ca, "ca.key"),
-    )
-    .unwrap();
-    let pool = PoolId::new(ns, POOL).unwrap();
-    let identity = ClientIdentity::new("system:serviceaccount:ci:builder").unwrap();
-    let issued = ca
-        .issue_client(&pool, &identity, Duration::from_secs(600))
-        .unwrap();
-    // What `bkpool login` writes: a buildctl --tlsdir.
-    let tlsdir = dir.join("tls");
-    std::fs::create_dir_all(&tlsdir).unwrap();
-    std::fs::write(
-        tlsdir.join("ca.pem"),
-        secret_text(client_ca, "ca-bundle.crt"),
-    )
-    .unwrap();
-    std::fs::write(tlsdir.join("cert.pem"), &issued.cert_pem).unwrap();
-    std::fs::write(tlsdir.join("key.pem"), issued.key_pem.unwrap()).unwrap();
-    support::local::client_config(&tlsdir)
+    support::local::client_config(&client_tlsdir(client_ca, ns, POOL, dir))
 }
 
 /// Connects through `gateway` as a pool client and starts HTTP/2 as buildctl does; returns the
@@ -190,16 +83,6 @@ async fn replicas(client: &Client, ns: &str) -> i32 {
 async fn metric(admin: SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
     let (_, text) = http_get(admin, "/metrics").await;
     support::metrics::sample(&text, name, labels).unwrap_or(0.0)
-}
-
-/// Two ports free on `ip` (both gateways use the same pair, each on its own address).
-fn free_ports(ip: IpAddr) -> (u16, u16) {
-    let a = std::net::TcpListener::bind((ip, 0)).unwrap();
-    let b = std::net::TcpListener::bind((ip, 0)).unwrap();
-    (
-        a.local_addr().unwrap().port(),
-        b.local_addr().unwrap().port(),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -268,7 +151,7 @@ async fn a_held_connection_wakes_the_pool_and_an_idle_pool_drains_to_zero() {
     .await;
 
     // Two gateway replicas on their own loopback addresses, same ports.
-    let (g1, g2) = (loopback(1), loopback(2));
+    let (g1, g2) = (loopback(0, 1), loopback(0, 2));
     let ports = free_ports(g1);
     let gateways = [
         start_gateway(g1, ports, &ns.name, &gateway_kubeconfig, dir.path()),

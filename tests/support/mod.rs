@@ -4,6 +4,7 @@
 
 pub mod backends;
 pub mod buildkit;
+pub mod k8s;
 pub mod local;
 pub mod metrics;
 
