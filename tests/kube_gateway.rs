@@ -28,15 +28,12 @@ use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use rustls::pki_types::ServerName;
 use serde_json::json;
 use support::http_get;
 use support::k8s::{
     client_tlsdir, free_ports, kubeconfig_with_token, loopback, publish_gateways, start_gateway,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
 
 const WAIT: Duration = Duration::from_secs(60);
 const POOL: &str = "e2e";
@@ -46,29 +43,16 @@ fn client_config(client_ca: &Secret, ns: &str, dir: &Path) -> Arc<rustls::Client
     support::local::client_config(&client_tlsdir(client_ca, ns, POOL, dir))
 }
 
-/// Connects through `gateway` as a pool client and starts HTTP/2 as buildctl does; returns the
-/// open stream once buildkitd's own SETTINGS frame came back through it.
+/// Connects through `gateway` as a pool client and starts HTTP/2 as buildctl does.
 async fn h2_hello(
     gateway: SocketAddr,
     config: &Arc<rustls::ClientConfig>,
     ns: &str,
 ) -> tokio_rustls::client::TlsStream<TcpStream> {
-    let tcp = TcpStream::connect(gateway).await.unwrap();
-    let name = ServerName::try_from(format!("{POOL}.{ns}.svc")).unwrap();
-    let mut tls = TlsConnector::from(config.clone())
-        .connect(name, tcp)
-        .await
-        .expect("handshake with the gateway");
-    tls.write_all(control::standin::H2_PREFACE).await.unwrap();
-    tls.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
-    tls.flush().await.unwrap();
-    let mut frame = [0u8; 9];
-    tokio::time::timeout(WAIT, tls.read_exact(&mut frame))
+    let name = format!("{POOL}.{ns}.svc");
+    tokio::time::timeout(WAIT, support::k8s::h2_hello(gateway, config, &name))
         .await
         .expect("an answer within the wake timeout")
-        .expect("buildkitd's first frame through the gateway");
-    assert_eq!(frame[3], 4, "a SETTINGS frame: {frame:?}");
-    tls
 }
 
 async fn replicas(client: &Client, ns: &str) -> i32 {

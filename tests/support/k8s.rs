@@ -169,3 +169,29 @@ pub fn admin_kubeconfig() -> PathBuf {
         .expect("BKPOOL_TEST_KUBECONFIG")
         .into()
 }
+
+/// Connects through `gateway` to the pool named `server_name` and starts HTTP/2 as buildctl
+/// does; returns the open stream once buildkitd's own SETTINGS frame came back through it
+/// (so the pool, if it slept, is awake and serving).
+pub async fn h2_hello(
+    gateway: std::net::SocketAddr,
+    config: &std::sync::Arc<rustls::ClientConfig>,
+    server_name: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(gateway).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_owned()).unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(config.clone())
+        .connect(name, tcp)
+        .await
+        .expect("handshake with the gateway");
+    tls.write_all(control::standin::H2_PREFACE).await.unwrap();
+    tls.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+    tls.flush().await.unwrap();
+    let mut frame = [0u8; 9];
+    tls.read_exact(&mut frame)
+        .await
+        .expect("buildkitd's first frame through the gateway");
+    assert_eq!(frame[3], 4, "a SETTINGS frame: {frame:?}");
+    tls
+}
