@@ -145,10 +145,9 @@ fn two_pools_sharing_a_client_ca_are_refused_before_binding() {
 
 #[tokio::test]
 async fn openssl_s_client_is_served() {
-    if Command::new("openssl").arg("version").output().is_err() {
-        eprintln!("skipped: openssl is not installed");
+    let Some(openssl) = control::testkit::program("openssl") else {
         return;
-    }
+    };
     let pki = pki();
     let backend = backends::echo().await;
     let gw = gateway(&pki).pool("a", backend.addr).start();
@@ -157,7 +156,7 @@ async fn openssl_s_client_is_served() {
     let listen = gw.listen.to_string();
     let dirp = dir.path().to_path_buf();
     let out = tokio::task::spawn_blocking(move || {
-        let mut child = Command::new("openssl")
+        let mut child = Command::new(openssl)
             .args([
                 "s_client",
                 "-quiet",

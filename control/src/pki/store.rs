@@ -72,6 +72,30 @@ impl LocalPki {
         Ok(pki)
     }
 
+    /// Opens the PKI in `dir` as it is, creating nothing (for a command that issues from the
+    /// PKI of a `bkpool local`, which must never make a CA of its own): `None` when `dir`
+    /// holds none. Pools of `pools` without a client CA are left out.
+    pub fn open_existing(dir: &Path, pools: &[PoolId]) -> Result<Option<Self>, PkiError> {
+        let Some(gateway_ca) = load_ca(&dir.join("gateway"), "ca")? else {
+            return Ok(None);
+        };
+        let Some(backend_ca) = load_ca(&dir.join("backend"), "ca")? else {
+            return Ok(None);
+        };
+        let mut pki = Self {
+            dir: dir.to_path_buf(),
+            gateway_ca,
+            backend_ca,
+            pool_cas: BTreeMap::new(),
+        };
+        for pool in pools {
+            if let Some(ca) = load_ca(&pki.pool_dir(pool), "client-ca")? {
+                pki.pool_cas.insert(pool.clone(), ca);
+            }
+        }
+        Ok(Some(pki))
+    }
+
     /// Loads `pool`'s client CA, creating it if the pool is new.
     pub fn add_pool(&mut self, pool: &PoolId) -> Result<&Ca, PkiError> {
         if !self.pool_cas.contains_key(pool) {
@@ -189,18 +213,28 @@ impl LocalPki {
 
 /// Loads `<dir>/<stem>.pem` + `<dir>/<stem>.key`, or creates both if neither exists.
 fn open_or_create_ca(dir: &Path, stem: &str, common_name: &str) -> Result<Ca, PkiError> {
+    if let Some(ca) = load_ca(dir, stem)? {
+        return Ok(ca);
+    }
     let cert_path = dir.join(format!("{stem}.pem"));
     let key_path = dir.join(format!("{stem}.key"));
-    if pair_exists(&cert_path, &key_path)? {
-        warn_if_loose(&key_path);
-        return Ca::load(&cert_path, &key_path);
-    }
     ensure_dir(dir)?;
     let ca = Ca::generate(common_name, CA_VALIDITY)?;
     write_atomic(&key_path, ca.key_pem().as_bytes(), KEY_MODE)?;
     write_atomic(&cert_path, ca.cert_pem().as_bytes(), CERT_MODE)?;
     tracing::info!(path = %cert_path.display(), common_name, "created CA");
     Ok(ca)
+}
+
+/// Loads `<dir>/<stem>.pem` + `<dir>/<stem>.key`; `None` if neither exists.
+fn load_ca(dir: &Path, stem: &str) -> Result<Option<Ca>, PkiError> {
+    let cert_path = dir.join(format!("{stem}.pem"));
+    let key_path = dir.join(format!("{stem}.key"));
+    if !pair_exists(&cert_path, &key_path)? {
+        return Ok(None);
+    }
+    warn_if_loose(&key_path);
+    Ca::load(&cert_path, &key_path).map(Some)
 }
 
 /// Whether both halves exist; an error if only one does (creating the other would pair a
@@ -298,6 +332,34 @@ mod tests {
 
     fn init(dir: &Path) -> LocalPki {
         LocalPki::open_or_init(dir, &[pool("a"), pool("ci/b")], &[]).unwrap()
+    }
+
+    #[test]
+    fn opening_an_existing_pki_creates_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("pki");
+        assert!(
+            LocalPki::open_existing(&dir, &[pool("a")])
+                .unwrap()
+                .is_none()
+        );
+        assert!(!dir.exists(), "nothing created where there is no PKI");
+
+        let made = init(&dir);
+        let before = snapshot(&dir);
+        let opened = LocalPki::open_existing(&dir, &[pool("a"), pool("c")])
+            .unwrap()
+            .unwrap();
+        assert_eq!(opened.gateway_ca().cert_pem(), made.gateway_ca().cert_pem());
+        assert_eq!(
+            opened.pool_ca(&pool("a")).unwrap().cert_pem(),
+            made.pool_ca(&pool("a")).unwrap().cert_pem()
+        );
+        assert!(
+            opened.pool_ca(&pool("c")).is_none(),
+            "no CA made for a new pool"
+        );
+        assert_eq!(snapshot(&dir), before, "every file as it was");
     }
 
     #[test]
