@@ -24,8 +24,8 @@ use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
 use support::buildkit::{self, Context, Endpoint};
 use support::k8s::{
-    Controller, admin_kubeconfig, client_tlsdir, free_ports, loopback, publish_gateways,
-    start_gateway,
+    Controller, KillOnDrop, admin_kubeconfig, client_tlsdir, free_ports, loopback,
+    publish_gateways, start_gateway,
 };
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -110,7 +110,13 @@ async fn build_sleep_build(
     let kubelet = kubelet.start();
     let ip = loopback(n, 1);
     let ports = free_ports(ip);
-    let gateway = start_gateway(ip, ports, &ns.name, &admin_kubeconfig(), dir.path());
+    let gateway = KillOnDrop(start_gateway(
+        ip,
+        ports,
+        &ns.name,
+        &admin_kubeconfig(),
+        dir.path(),
+    ));
     eventually("gateway ready after its first sync", WAIT, || async {
         (support::http_get(gateway.admin, "/readyz").await.0 == 200).then_some(())
     })
@@ -148,10 +154,7 @@ async fn build_sleep_build(
     // And woken again by the next build.
     let second = build(&tools, &endpoint, &context, kind, &kubelet, &gateway).await;
 
-    drop(controller);
-    let mut gateway = gateway;
-    let _ = gateway.child.kill();
-    let _ = gateway.child.wait();
+    drop((controller, gateway));
     ns.delete_after(kubelet).await;
     Some(second)
 }

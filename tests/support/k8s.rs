@@ -85,6 +85,23 @@ pub fn start_gateway(
     spawn_listening(command, "gateway --kubernetes")
 }
 
+/// A gateway process killed when dropped, so a failing test leaves none behind.
+pub struct KillOnDrop(pub Listening);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Listening;
+    fn deref(&self) -> &Listening {
+        &self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.child.kill();
+        let _ = self.0.child.wait();
+    }
+}
+
 /// `bkpool controller` (reconcilers and scaler) for `ns`, polling the gateways' activity
 /// every 300 ms and draining after 2 s; its log goes to `log`. Killed on drop.
 pub struct Controller(Child);
