@@ -192,3 +192,112 @@ async fn a_job_pool_builds_from_zero_sleeps_and_builds_again() {
 async fn a_wake_does_not_wait_for_kubernetes_readiness() {
     build_sleep_build("Deployment", 13, json!({}), true).await;
 }
+
+/// How long a slow pod's buildkitd takes to start: a node being added or an image pulled.
+const SLOW_START: Duration = Duration::from_secs(30);
+
+/// A first build through a Deployment pool at zero whose container starts buildkitd only
+/// after [`SLOW_START`] (the kubelet runs a wrapper for the image), with the gateway answering
+/// the held HTTP/2 preface or not. Returns the build's output and how long it took.
+async fn slow_wake(n: u8, preface: bool) -> Option<(std::process::Output, Duration)> {
+    let client = test_client().await?;
+    let tools = buildkit::tools()?;
+    install_crd(&client).await;
+    let ns = TestNamespace::create(&client, &format!("bkp-slow-{preface}")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let controller = Controller::start(
+        &ns.name,
+        &admin_kubeconfig(),
+        &dir.path().join("controller.log"),
+    );
+    let pools: Api<BuildKitPool> = Api::namespaced(client.clone(), &ns.name);
+    let pool: BuildKitPool = serde_json::from_value(json!({
+        "apiVersion": "bkpool.dev/v1alpha1", "kind": "BuildKitPool", "metadata": {"name": POOL},
+        "spec": {"scaling": {"wakeTimeout": "90s"},
+                 "gateway": {"prefaceWhileWaking": preface},
+                 "workload": {"security": "Privileged"}}
+    }))
+    .unwrap();
+    pools.create(&PostParams::default(), &pool).await.unwrap();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    eventually("the pool asleep with its certificates", WAIT, || async {
+        (phase(&client, &ns.name).await? == Phase::Sleeping).then_some(())?;
+        secrets
+            .get(&format!("{POOL}-gateway-backend-tls"))
+            .await
+            .ok()
+    })
+    .await;
+
+    let slow = dir.path().join("slow-buildkitd");
+    let script = format!(
+        "#!/bin/sh\nsleep {}\nexec {} \"$@\"\n",
+        SLOW_START.as_secs(),
+        tools.0.buildkitd.display()
+    );
+    std::fs::write(&slow, script).unwrap();
+    std::fs::set_permissions(&slow, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let kubelet = Kubelet::builder(client.clone(), &ns.name)
+        .image("moby/buildkit", &slow)
+        .programs(tools.0.bin_dir())
+        .start();
+    let ip = loopback(n, 1);
+    let ports = free_ports(ip);
+    let gateway = KillOnDrop(start_gateway(
+        ip,
+        ports,
+        &ns.name,
+        &admin_kubeconfig(),
+        dir.path(),
+    ));
+    eventually("gateway ready after its first sync", WAIT, || async {
+        (support::http_get(gateway.admin, "/readyz").await.0 == 200).then_some(())
+    })
+    .await;
+    publish_gateways(&client, &ns.name, &[ip], ports.1).await;
+    let client_ca = secrets.get(&format!("{POOL}-client-ca")).await.unwrap();
+    let endpoint = Endpoint {
+        server_name: Some(format!("{POOL}.{}.svc", ns.name)),
+        ..Endpoint::tls(
+            gateway.listen,
+            &client_tlsdir(&client_ca, &ns.name, POOL, dir.path()),
+        )
+    };
+    let context = Context::new(&tools.1, "after a slow wake", "");
+    let began = std::time::Instant::now();
+    let (output, _) = context.build(&tools.0, &endpoint).await;
+    let took = began.elapsed();
+    if preface && !output.status.success() {
+        panic!(
+            "build through the gateway: {}\ngateway log:\n{}\nkubelet:\n{}",
+            buildkit::describe(&output),
+            gateway.log.lock().unwrap().join("\n"),
+            kubelet.logs()
+        );
+    }
+    drop((controller, gateway));
+    ns.delete_after(kubelet).await;
+    Some((output, took))
+}
+
+/// A wake of 30 s, past the 20 s BuildKit's client waits for the server's preface: the gateway
+/// answers it while holding the connection, so the first build succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_first_build_outlasts_a_thirty_second_wake() {
+    let Some((output, took)) = slow_wake(14, true).await else {
+        return;
+    };
+    assert!(output.status.success());
+    assert!(took >= SLOW_START, "it waited for buildkitd ({took:?})");
+}
+
+/// The same wake with `prefaceWhileWaking: false`: the client's own deadline ends the build
+/// before buildkitd is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_the_answered_preface_the_same_first_build_fails() {
+    let Some((output, took)) = slow_wake(15, false).await else {
+        return;
+    };
+    assert!(!output.status.success(), "{}", buildkit::describe(&output));
+    assert!(took < SLOW_START, "the client gave up first ({took:?})");
+}
