@@ -231,8 +231,9 @@ pub struct Gateway {
     /// sleeps. LeastLoaded (passthrough mode, which sees no identity): the replica with the
     /// fewest connections.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "balance_schema")]
     pub balance: Option<Balance>,
-    /// Affine balance: the most a replica carries, in multiples of the average (default 1.25).
+    /// Affine balance: the most a replica carries, in multiples of the average (default 2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1.0, max = 100.0))]
     pub load_bound: Option<f64>,
@@ -242,6 +243,20 @@ pub struct Gateway {
 pub enum Balance {
     Affine,
     LeastLoaded,
+}
+
+/// A plain string enum: the derived schema of an optional enum lists `null` among the values,
+/// which Kubernetes 1.20 cannot decode.
+fn balance_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "string",
+        "enum": ["Affine", "LeastLoaded"],
+        "description": "How connections spread over replicas. Affine (the default in terminate \
+            mode): a caller identity returns to its replica, and to the cache there, while that \
+            replica carries at most `loadBound` times the average; a StatefulSet's ordinals keep \
+            their volumes across sleeps. LeastLoaded (passthrough mode, which sees no identity): \
+            the replica with the fewest connections.",
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
