@@ -16,7 +16,7 @@
 //! max_cert_ttl = "1h"
 //! preface_while_waking = true   # answer HTTP/2 while held, so wakes may outlast 20 s
 //! balance = "affine"             # a caller returns to its replica's cache ("least-loaded")
-//! load_bound = 1.25              # ... unless that replica carries > 1.25 × the average
+//! load_bound = 2.0               # ... unless that replica carries > 2 × the average
 //! [pool.scaling]
 //! idle_after = "10m"
 //! [pool.replica]
