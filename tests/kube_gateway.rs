@@ -95,6 +95,8 @@ fn start_gateway(
             "--kubernetes",
             "--namespace",
             ns,
+            "--secret-namespace",
+            ns,
         ])
         .arg("--kubeconfig")
         .arg(kubeconfig)

@@ -120,19 +120,21 @@ async fn the_controller_does_its_job_with_the_deployed_rbac_and_nothing_more() {
     };
     let client = Client::try_from(config.clone()).unwrap();
     install_crd(&client).await;
+    // The controller's own namespace, and the namespace of the pools it serves.
+    let system = TestNamespace::create(&client, "bkp-rbac-sys").await;
     let ns = TestNamespace::create(&client, "bkp-rbac").await;
-    let cluster_names = install_rbac(&client, &ns.name, "rbac-controller.yaml").await;
+    let cluster_names = install_rbac(&client, &system.name, "rbac-controller.yaml").await;
 
-    let token = service_account_token(&client, &ns.name, "bkpool-controller").await;
+    let token = service_account_token(&client, &system.name, "bkpool-controller").await;
     let sa_client = client_with_token(config, &token);
 
     // The ServiceAccount's Lease and reconciles work.
-    let election = LeaderElection::new(sa_client.clone(), &ns.name, "bkpool-controller", "sa");
+    let election = LeaderElection::new(sa_client.clone(), &system.name, "bkpool-controller", "sa");
     assert!(
         election.try_acquire_or_renew().await.unwrap(),
         "the Role allows the Lease"
     );
-    let controller = RunningController::start(&sa_client, &ns.name);
+    let controller = RunningController::start_in(&sa_client, &ns.name, &system.name);
     let pools: Api<BuildKitPool> = Api::namespaced(client.clone(), &ns.name);
     let pool: BuildKitPool = serde_json::from_value(json!({
         "apiVersion": "bkpool.dev/v1alpha1", "kind": "BuildKitPool",
@@ -151,6 +153,27 @@ async fn the_controller_does_its_job_with_the_deployed_rbac_and_nothing_more() {
     .await;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
     assert!(secrets.get("p-client-ca").await.is_ok());
+    // The gateway's certificates are published in the controller's namespace.
+    let published: Api<Secret> = Api::namespaced(client.clone(), &system.name);
+    let copy = format!("{}.p-gateway-tls", ns.name);
+    eventually("the gateway's copy", Duration::from_secs(30), || async {
+        published.get(&copy).await.ok()
+    })
+    .await;
+    controller.stop().await;
+
+    // A copy has no owner in another namespace: once its pool is gone, the next controller
+    // to start (and every one, each minute) deletes it, with the Role in its own namespace.
+    pools.delete("p", &DeleteParams::default()).await.unwrap();
+    eventually("the pool gone", Duration::from_secs(30), || async {
+        pools.get("p").await.is_err().then_some(())
+    })
+    .await;
+    let controller = RunningController::start_in(&sa_client, &ns.name, &system.name);
+    eventually("the copy deleted", Duration::from_secs(30), || async {
+        published.get(&copy).await.is_err().then_some(())
+    })
+    .await;
     controller.stop().await;
 
     // Anything outside the role is refused.
@@ -173,7 +196,7 @@ async fn the_controller_does_its_job_with_the_deployed_rbac_and_nothing_more() {
             .delete("p-client-ca", &DeleteParams::default())
             .await
             .map(drop),
-        "delete a secret",
+        "delete a secret of a pool's namespace",
     );
     let sa_pools: Api<BuildKitPool> = Api::namespaced(sa_client.clone(), &ns.name);
     forbidden(
@@ -190,7 +213,7 @@ async fn the_controller_does_its_job_with_the_deployed_rbac_and_nothing_more() {
         },
         spec: None,
     };
-    let sa_leases: Api<Lease> = Api::namespaced(sa_client.clone(), &ns.name);
+    let sa_leases: Api<Lease> = Api::namespaced(sa_client.clone(), &system.name);
     sa_leases
         .create(&PostParams::default(), &other_lease)
         .await
@@ -204,4 +227,5 @@ async fn the_controller_does_its_job_with_the_deployed_rbac_and_nothing_more() {
         .await;
     let _ = roles.delete(&cluster_names, &DeleteParams::default()).await;
     ns.delete().await;
+    system.delete().await;
 }

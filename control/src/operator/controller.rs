@@ -63,6 +63,12 @@ pub async fn run(
         network_policies,
         endpoints,
     };
+    let sweeper = tokio::spawn(super::publish::sweep_forever(
+        client.clone(),
+        pools.clone(),
+        settings.namespace.clone(),
+        scope.clone(),
+    ));
     let ctx = Arc::new(Context::new(client, stores, settings, metrics));
     let backoff = Arc::new(Backoff::default());
     let config = Config::default()
@@ -102,6 +108,7 @@ pub async fn run(
         )
         .for_each(|_| std::future::ready(()))
         .await;
+    sweeper.abort();
 }
 
 /// One round for one pool.

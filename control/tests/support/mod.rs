@@ -190,12 +190,20 @@ pub struct RunningController {
 pub type Stopped = std::pin::Pin<Box<dyn Future<Output = ()> + Send + Sync>>;
 
 impl RunningController {
-    /// The reconcilers, for one namespace.
+    /// The reconcilers, for one namespace that is the controller's own too.
     pub fn start(client: &Client, namespace: &str) -> Self {
+        Self::start_in(client, namespace, namespace)
+    }
+
+    /// The reconcilers for pools in `namespace`, the controller's own namespace being
+    /// `system` (the gateway's Secret copies go there).
+    pub fn start_in(client: &Client, namespace: &str, system: &str) -> Self {
         let (client, scope) = (client.clone(), Scope::Namespace(namespace.to_owned()));
-        Self::spawn(|metrics, stopped| {
-            controller::run(client, scope, Settings::default(), metrics, stopped)
-        })
+        let settings = Settings {
+            namespace: system.to_owned(),
+            ..Settings::default()
+        };
+        Self::spawn(|metrics, stopped| controller::run(client, scope, settings, metrics, stopped))
     }
 
     /// Any loop that takes its metrics and a future that completes when it should stop.
@@ -257,7 +265,10 @@ pub async fn install_rbac(client: &Client, ns: &str, file: &str) -> String {
             cluster_name = name;
         }
         if let Some(subjects) = value.get_mut("subjects").and_then(|s| s.as_array_mut()) {
-            for s in subjects {
+            for s in subjects
+                .iter_mut()
+                .filter(|s| s["kind"] == "ServiceAccount")
+            {
                 s["namespace"] = json!(ns);
             }
         }
