@@ -8,20 +8,26 @@
 //! - `GET /v1/namespaces/{ns}/pools`: the pools of `ns` the caller may use.
 //! - `POST /v1/namespaces/{ns}/pools/{pool}/wake`: wake a pool ahead of a build.
 //!
-//! Modules: [`directory`] (the injected world), [`handlers`], [`error`] (JSON errors),
-//! [`metrics`], [`config`] (the standalone configuration), and here the router (testable with
-//! `oneshot`, no socket) and the HTTPS server.
+//! Modules: [`directory`] (the injected world), [`cluster`] (that world on Kubernetes: pools,
+//! their `spec.auth` and client CAs from watch caches, wakes through the gateway's waker),
+//! [`serving`] (the API's own certificate on Kubernetes), [`replica`] (all of it in one
+//! controller replica), [`handlers`], [`error`] (JSON
+//! errors), [`metrics`], [`config`] (the standalone and local-mode configuration), and here
+//! the router (testable with `oneshot`, no socket) and the HTTPS server.
 //!
 //! Every request is rate-limited by its source address before its token is looked at, and by
 //! its identity after. The API is stateless beyond those buckets and short-lived review
 //! answers: every request carries its token, and everything it needs is in the directory, so
 //! replicas need no coordination.
 
+pub mod cluster;
 pub mod config;
 pub mod directory;
 pub mod error;
 pub mod handlers;
 pub mod metrics;
+pub mod replica;
+pub mod serving;
 
 use std::future::Future;
 use std::net::IpAddr;
