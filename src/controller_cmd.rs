@@ -79,6 +79,10 @@ pub struct Args {
     /// Kubeconfig file (default: in-cluster, then $KUBECONFIG).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
+    /// Where the gateway's certificates are published for it: a namespace holding nothing
+    /// else, as the gateway may read every Secret there.
+    #[arg(long, default_value = control::operator::publish::DEFAULT_NAMESPACE)]
+    gateway_secret_namespace: String,
     /// Address of the certificate API (HTTPS), served by every replica.
     #[arg(long, default_value = "0.0.0.0:8444")]
     certapi_listen: SocketAddr,
@@ -113,7 +117,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, certapi = %certapi_listener.local_addr()?, %identity, "controller admin endpoint");
     let scope = args.namespace.clone().map_or(Scope::All, Scope::Namespace);
     let mut settings = Settings {
-        namespace: args.lease_namespace.clone(),
+        gateway_secret_namespace: args.gateway_secret_namespace.clone(),
         gateway_host: args.gateway_host.clone(),
         gateway_port: args.gateway_port,
         ..Settings::default()

@@ -39,11 +39,10 @@ pub struct Args {
     #[arg(long, requires = "kubernetes")]
     kubeconfig: Option<PathBuf>,
     /// With --kubernetes: the namespace the controller publishes the gateway's certificates
-    /// in (its own, and the gateway's); the only one whose Secrets the gateway reads.
+    /// in (its --gateway-secret-namespace); the only one whose Secrets the gateway reads.
     #[arg(
         long,
-        env = "POD_NAMESPACE",
-        default_value = "bkpool-system",
+        default_value = control::operator::publish::DEFAULT_NAMESPACE,
         requires = "kubernetes"
     )]
     secret_namespace: String,

@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cluster::{
-    TestNamespace, eventually, install_crd, install_rbac, service_account_token, test_client,
-    test_config,
+    TestNamespace, deployed_namespaces, eventually, install_crd, install_rbac_in,
+    service_account_token, test_client, test_config,
 };
 use control::crd::{BuildKitPool, Phase};
 use control::pki::Ca;
@@ -74,6 +74,7 @@ fn start_gateway(
     ip: IpAddr,
     ports: (u16, u16),
     ns: &str,
+    secret_ns: &str,
     kubeconfig: &Path,
     dir: &Path,
 ) -> Listening {
@@ -96,7 +97,7 @@ fn start_gateway(
             "--namespace",
             ns,
             "--secret-namespace",
-            ns,
+            secret_ns,
         ])
         .arg("--kubeconfig")
         .arg(kubeconfig)
@@ -310,8 +311,11 @@ async fn a_held_connection_wakes_the_pool_and_an_idle_pool_drains_to_zero() {
     install_crd(&client).await;
     let ns = TestNamespace::create(&client, "bkp-e2e").await;
     let dir = tempfile::tempdir().unwrap();
-    let gateway_role = install_rbac(&client, &ns.name, "rbac-gateway.yaml").await;
-    let controller_role = install_rbac(&client, &ns.name, "rbac-controller.yaml").await;
+    // The gateway's Secrets are published in a namespace of their own.
+    let published = TestNamespace::create(&client, "bkp-e2e-gws").await;
+    let moves = deployed_namespaces(&ns.name, &published.name);
+    let gateway_role = install_rbac_in(&client, &moves, &ns.name, "rbac-gateway.yaml").await;
+    let controller_role = install_rbac_in(&client, &moves, &ns.name, "rbac-controller.yaml").await;
     let gateway_kubeconfig = kubeconfig_with_token(
         dir.path(),
         &service_account_token(&client, &ns.name, "bkpool-gateway").await,
@@ -331,6 +335,10 @@ async fn a_held_connection_wakes_the_pool_and_an_idle_pool_drains_to_zero() {
             &ns.name,
             "--lease-namespace",
             &ns.name,
+            "--gateway-secret-namespace",
+            &published.name,
+            "--certapi-listen",
+            "127.0.0.1:0",
         ])
         .args(["--listen", "127.0.0.1:0", "--identity", "e2e"])
         .args(["--activity-interval", "300ms", "--drain-settle", "2s"])
@@ -364,8 +372,22 @@ async fn a_held_connection_wakes_the_pool_and_an_idle_pool_drains_to_zero() {
     let (g1, g2, pod_ip) = (loopback(1), loopback(2), loopback(3));
     let ports = free_ports(g1);
     let gateways = [
-        start_gateway(g1, ports, &ns.name, &gateway_kubeconfig, dir.path()),
-        start_gateway(g2, ports, &ns.name, &gateway_kubeconfig, dir.path()),
+        start_gateway(
+            g1,
+            ports,
+            &ns.name,
+            &published.name,
+            &gateway_kubeconfig,
+            dir.path(),
+        ),
+        start_gateway(
+            g2,
+            ports,
+            &ns.name,
+            &published.name,
+            &gateway_kubeconfig,
+            dir.path(),
+        ),
     ];
     for g in &gateways {
         eventually("gateway ready after its first sync", WAIT, || async {
@@ -499,6 +521,10 @@ async fn a_held_connection_wakes_the_pool_and_an_idle_pool_drains_to_zero() {
         sa_secrets.get(&format!("{POOL}-client-ca")).await.map(drop),
         "get a CA Secret",
     );
+    forbidden(
+        sa_secrets.list(&ListParams::default()).await.map(drop),
+        "list the Secrets of a pool's namespace (CA keys)",
+    );
     let sa_pods: Api<Pod> = Api::namespaced(sa_client, &ns.name);
     forbidden(
         sa_pods
@@ -522,6 +548,7 @@ async fn a_held_connection_wakes_the_pool_and_an_idle_pool_drains_to_zero() {
         let _ = roles.delete(&name, &DeleteParams::default()).await;
     }
     ns.delete().await;
+    published.delete().await;
 }
 
 fn gateways_listen(ip: IpAddr, port: u16) -> SocketAddr {

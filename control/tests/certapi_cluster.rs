@@ -204,10 +204,7 @@ async fn each_pool_admits_by_its_own_spec_auth_and_refuses_with_a_stable_reason(
         scope: Scope::All,
         audiences: vec![AUDIENCE.to_owned()],
         server_names: vec!["127.0.0.1".to_owned()],
-        operator: Settings {
-            namespace: system.name.clone(),
-            ..Settings::default()
-        },
+        operator: Settings::default(),
     };
     let mut registry = Registry::default();
     let replica = Replica::with_reviews(client.clone(), counting.clone(), &settings, &mut registry);

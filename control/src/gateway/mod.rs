@@ -1,6 +1,6 @@
 //! `bkpool gateway --kubernetes`: the data plane fed from the cluster. Watch caches of pools,
-//! of the gateway's certificate Secrets (the copies the controller publishes in its own
-//! namespace, the only Secrets the gateway may read) and of buildkitd pods become the route
+//! of the gateway's certificate Secrets (the copies the controller publishes in a namespace of
+//! their own, the only Secrets the gateway may read) and of buildkitd pods become the route
 //! table, the TLS configuration and each pool's ready backends; a pool with none is woken by the gateway
 //! itself; the scaler's drain mark makes the gateway hold new connections and acknowledge the
 //! mark in `/activity`.

@@ -66,7 +66,7 @@ pub async fn run(
     let sweeper = tokio::spawn(super::publish::sweep_forever(
         client.clone(),
         pools.clone(),
-        settings.namespace.clone(),
+        settings.gateway_secret_namespace.clone(),
         scope.clone(),
     ));
     let ctx = Arc::new(Context::new(client, stores, settings, metrics));

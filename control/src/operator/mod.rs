@@ -13,7 +13,7 @@
 //! - [`workload`]: Deployment, StatefulSet (cache claims kept while asleep) or Job.
 //! - [`service`]: the backend Service (headless for StatefulSet) and the client-facing name.
 //! - [`netpol`]: the NetworkPolicy letting only gateway pods reach buildkitd.
-//! - [`publish`]: copies of the gateway's Secrets in the controller's namespace, the only
+//! - [`publish`]: copies of the gateway's Secrets in a namespace of their own, the only
 //!   Secrets the gateway may read.
 //! - [`status`]: phase, conditions, replicas, endpoint; wake and sleep Events.
 //! - [`scaler`]: the leader's scaler: gateway activity in, two-phase drains and scale-downs,

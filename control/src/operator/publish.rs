@@ -1,8 +1,13 @@
 //! What gateways need, published where they may read it: a copy of each pool's gateway
 //! Secrets (the gateway's server certificate with the pool's client CA bundle, and its
-//! client certificate for the backend leg) in the controller's own namespace, named
-//! `<pool namespace>.<secret>`. The gateway then lists Secrets in that one namespace only,
-//! instead of every Secret in the cluster, and never sees a CA key.
+//! client certificate for the backend leg) in one namespace of their own
+//! ([`DEFAULT_NAMESPACE`]), named `<pool namespace>.<secret>`. The gateway then lists
+//! Secrets in that one namespace only, instead of every Secret in the cluster.
+//!
+//! That namespace holds nothing else: RBAC cannot narrow a list to some Secrets, so a
+//! gateway allowed to list Secrets in the controller's namespace could read the certificate
+//! API's CA key there, and on clusters that still create ServiceAccount token Secrets, the
+//! controller's own token.
 //!
 //! Copies cannot have an owner reference (those do not cross namespaces), so [`sweep`]
 //! deletes the copies of pools that no longer exist, at start and every [`SWEEP_EVERY`].
@@ -24,6 +29,10 @@ use crate::crd::BuildKitPool;
 
 const RECONCILER: &str = "publish";
 
+/// Where copies go unless configured otherwise (`bkpool controller
+/// --gateway-secret-namespace`, `bkpool gateway --secret-namespace`).
+pub const DEFAULT_NAMESPACE: &str = "bkpool-gateway-secrets";
+
 /// Label on every copy, naming what it is.
 pub const COPY_LABEL: &str = "bkpool.dev/gateway-copy";
 /// The namespace of the pool a copy belongs to (its name is in [`POOL_LABEL`]).
@@ -38,10 +47,10 @@ pub fn copy_name(namespace: &str, name: &str) -> String {
 }
 
 /// Writes (when it changed) the copy of `secret`, a gateway Secret of `pool`, into the
-/// controller's namespace.
+/// gateway Secret namespace.
 pub async fn copy(ctx: &Context, pool: &BuildKitPool, secret: &Secret) -> Result<(), Error> {
     let pool_ns = pool.namespace().unwrap_or_default();
-    let ns = ctx.settings.namespace.as_str();
+    let ns = ctx.settings.gateway_secret_namespace.as_str();
     let name = copy_name(&pool_ns, &secret.name_any());
     let labels = BTreeMap::from([
         (MANAGED_BY.0.to_owned(), MANAGED_BY.1.to_owned()),
