@@ -235,7 +235,7 @@ pub enum GatewayMode {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Tls {
-    /// Longest client certificate the certificate API issues (from 1m to 24h), and the
+    /// Longest client certificate the certificate API issues (at most 24h), and the
     /// lifetime given when a caller asks for none; asking for longer is refused.
     #[serde(default = "default_client_ttl")]
     #[serde(rename = "clientCertMaxTTL")]

@@ -38,9 +38,8 @@ pub fn summary(faults: &[Fault]) -> String {
     all.join("; ")
 }
 
-/// `tls.clientCertMaxTTL` bounds: the certificate API issues nothing shorter than a minute,
-/// and a certificate is the only revocation there is, so none lives longer than a day.
-const CLIENT_TTL_FLOOR: std::time::Duration = std::time::Duration::from_secs(60);
+/// `tls.clientCertMaxTTL` at most: a certificate is the only revocation there is, so none
+/// lives longer than a day.
 const CLIENT_TTL_CEILING: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 struct Faults(Vec<Fault>);
@@ -174,10 +173,10 @@ fn tls(spec: &BuildKitPoolSpec, faults: &mut Faults) {
     if server > ca {
         faults.push("tls.serverCertLifetime", "must not exceed caLifetime");
     }
-    if client > ca || client < CLIENT_TTL_FLOOR || client > CLIENT_TTL_CEILING {
+    if client > ca || client.is_zero() || client > CLIENT_TTL_CEILING {
         faults.push(
             "tls.clientCertMaxTTL",
-            "must be from 1m to 24h and not exceed caLifetime",
+            "must be positive, at most 24h, and not exceed caLifetime",
         );
     }
 }
@@ -300,6 +299,11 @@ mod tests {
             paths(&spec),
             ["spec.tls.serverCertLifetime", "spec.tls.clientCertMaxTTL"]
         );
+        let mut spec = BuildKitPoolSpec::default();
+        spec.tls.client_cert_max_ttl = "25h".into();
+        assert_eq!(paths(&spec), ["spec.tls.clientCertMaxTTL"], "a day at most");
+        spec.tls.client_cert_max_ttl = "5s".into();
+        assert!(paths(&spec).is_empty(), "short is fine");
     }
 
     #[test]
