@@ -93,6 +93,9 @@ pub struct Args {
     /// (DNS name or IP address, repeatable): it is put on the API's certificate.
     #[arg(long = "certapi-name")]
     certapi_names: Vec<String>,
+    /// CA certificates (PEM file) to trust OIDC issuers with, instead of the system's.
+    #[arg(long)]
+    certapi_oidc_roots: Option<PathBuf>,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -122,6 +125,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         gateway_port: args.gateway_port,
         ..Settings::default()
     };
+    let oidc_roots = match &args.certapi_oidc_roots {
+        Some(path) => {
+            let pem = std::fs::read_to_string(path)
+                .with_context(|| format!("reading --certapi-oidc-roots {}", path.display()))?;
+            control::https::HttpsClient::with_roots_pem(&pem)
+                .with_context(|| format!("--certapi-oidc-roots {}", path.display()))?;
+            Some(pem)
+        }
+        None => None,
+    };
     let certapi = Replica::new(
         client.clone(),
         &ReplicaSettings {
@@ -129,6 +142,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             scope: scope.clone(),
             audiences: args.certapi_audiences.clone(),
             server_names: args.certapi_names.clone(),
+            oidc_roots,
             operator: settings.clone(),
         },
         &mut registry,

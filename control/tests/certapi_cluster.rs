@@ -30,7 +30,7 @@ use prometheus_client::registry::Registry;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use serde_json::{Value, json};
-use support::{RunningController, TestNamespace, eventually, install_crd, test_client};
+use support::{RunningController, TestNamespace, eventually, install_crd, issuer, test_client};
 use tokio_util::sync::CancellationToken;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -170,6 +170,17 @@ async fn each_pool_admits_by_its_own_spec_auth_and_refuses_with_a_stable_reason(
     pool(&client, &a.name, "listed", listed.clone()).await;
     pool(&client, &a.name, "rbac", json!({"auth": {"mode": "RBAC"}})).await;
     pool(&client, &b.name, "listed", listed).await;
+    // OIDC: a/gha trusts issuer "a" for one repository; b/gha trusts issuer "b" only.
+    let oidc = issuer::TestIssuer::start().await;
+    let key = issuer::SigningKey::rsa("k1");
+    oidc.publish("a", &[&key]);
+    oidc.publish("b", &[&key]);
+    let trusting = |name: &str| {
+        json!({"auth": {"oidc": [{"issuer": oidc.url(name), "audiences": ["bkpool"],
+               "claims": [{"claim": "repository", "values": ["org/app"]}]}]}})
+    };
+    pool(&client, &a.name, "gha", trusting("a")).await;
+    pool(&client, &b.name, "gha", trusting("b")).await;
     // A pool no controller serves: it never gets a client CA.
     let orphan = TestNamespace::create(&client, "bkp-capi-c").await;
     pool(
@@ -185,7 +196,13 @@ async fn each_pool_admits_by_its_own_spec_auth_and_refuses_with_a_stable_reason(
         RunningController::start_in(&client, &a.name, &system.name),
         RunningController::start_in(&client, &b.name, &system.name),
     ];
-    for (ns, name) in [(&a.name, "listed"), (&a.name, "rbac"), (&b.name, "listed")] {
+    for (ns, name) in [
+        (&a.name, "listed"),
+        (&a.name, "rbac"),
+        (&b.name, "listed"),
+        (&a.name, "gha"),
+        (&b.name, "gha"),
+    ] {
         let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
         let ca = format!("{name}-client-ca");
         eventually(&ca, Duration::from_secs(30), || async {
@@ -205,6 +222,7 @@ async fn each_pool_admits_by_its_own_spec_auth_and_refuses_with_a_stable_reason(
         audiences: vec![AUDIENCE.to_owned()],
         server_names: vec!["127.0.0.1".to_owned()],
         operator: Settings::default(),
+        oidc_roots: Some(oidc.ca.cert_pem().to_owned()),
     };
     let mut registry = Registry::default();
     let replica = Replica::with_reviews(client.clone(), counting.clone(), &settings, &mut registry);
@@ -333,6 +351,40 @@ async fn each_pool_admits_by_its_own_spec_auth_and_refuses_with_a_stable_reason(
     for (what, got, expected) in &cases {
         assert_eq!(reason(got), *expected, "{what}: {}", got.1);
     }
+
+    // OIDC, per pool: issuer "a" opens a/gha for org/app only, and grants nothing in b.
+    let oidc_token = |repository: &str| {
+        key.sign(&json!({
+            "iss": oidc.url("a"), "aud": "bkpool", "sub": format!("repo:{repository}"),
+            "repository": repository,
+            "iat": issuer::now_plus(-10), "nbf": issuer::now_plus(-10),
+            "exp": issuer::now_plus(300),
+        }))
+    };
+    let got = api
+        .issue(&format!("{}/gha", a.name), &oidc_token("org/app"), "20m")
+        .await;
+    assert_eq!(got.0, StatusCode::OK, "issuer a on a/gha: {}", got.1);
+    let got = api
+        .issue(&format!("{}/gha", a.name), &oidc_token("org/other"), "20m")
+        .await;
+    assert_eq!(
+        reason(&got),
+        (StatusCode::FORBIDDEN, "claim_rule_mismatch"),
+        "another repository"
+    );
+    // b/gha trusts issuer "b" only, and takes ServiceAccounts it does not list: the token
+    // goes to the API server, which does not know it.
+    let got = api
+        .issue(&format!("{}/gha", b.name), &oidc_token("org/app"), "20m")
+        .await;
+    assert_eq!(
+        reason(&got),
+        (StatusCode::UNAUTHORIZED, "token_rejected"),
+        "issuer a on a pool of namespace b: {}",
+        got.1
+    );
+
     let mut forged = builder.clone();
     forged.truncate(builder.len() - 4);
     forged.push_str("AAAA");

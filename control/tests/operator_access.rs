@@ -265,6 +265,7 @@ async fn certificate_api_works(admin: &Client, sa_client: &Client, system: &str,
         audiences: vec!["bkpool".into()],
         server_names: vec!["127.0.0.1".into()],
         operator: control::operator::Settings::default(),
+        oidc_roots: None,
     };
     let mut registry = prometheus_client::registry::Registry::default();
     let replica = Replica::new(sa_client.clone(), &settings, &mut registry);

@@ -40,6 +40,9 @@ pub struct ReplicaSettings {
     pub server_names: Vec<String>,
     /// Where clients reach the gateway (for the endpoints in each answer).
     pub operator: Settings,
+    /// The CAs OIDC issuers are trusted with, PEM (default: the system's trust anchors), for
+    /// an issuer such as a self-hosted GitLab behind a private CA.
+    pub oidc_roots: Option<String>,
 }
 
 /// The certificate API of one replica, ready to run.
@@ -83,7 +86,16 @@ impl Replica {
         let directory =
             ClusterDirectory::new(pools.clone(), secrets.clone(), settings.operator.clone());
         let warmer = ClusterWarmer::new(client.clone(), pools.clone(), registry);
-        let jwks = Arc::new(JwksCache::new(oidc_client(), JwksLimits::default()));
+        let oidc = match &settings.oidc_roots {
+            Some(pem) => HttpsClient::with_roots_pem(pem)
+                .map(|c| c.max_body(256 * 1024).timeout(Duration::from_secs(5)))
+                .unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "OIDC roots unusable: pools trusting OIDC issuers cannot verify tokens");
+                    oidc_client()
+                }),
+            None => oidc_client(),
+        };
+        let jwks = Arc::new(JwksCache::new(oidc, JwksLimits::default()));
         let auth_metrics = AuthMetrics::register(registry, &jwks);
         let auth = Authenticator::new(jwks, None, settings.audiences.clone())
             .with_kube(kube)
