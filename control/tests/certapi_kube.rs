@@ -118,14 +118,16 @@ impl Stage {
 impl Drop for Stage {
     fn drop(&mut self) {
         let (kube, ns) = (self.kube.clone(), self.ns.clone());
-        // Namespace deletion takes seconds; nobody waits for it.
-        std::thread::spawn(move || {
+        // The DELETE is answered at once (nobody waits for the namespace to go). The thread is
+        // joined: one still running when the test process exits aborts it.
+        let deleting = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
             rt.block_on(kube.delete(&format!("/api/v1/namespaces/{ns}")))
         });
+        let _ = deleting.join();
     }
 }
 
