@@ -22,6 +22,7 @@ use control::operator::Settings;
 use control::operator::watch::Scope;
 use futures::future::BoxFuture;
 use http::StatusCode;
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, ServiceAccount};
 use kube::Client;
@@ -289,6 +290,55 @@ async fn each_pool_admits_by_its_own_spec_auth_and_refuses_with_a_stable_reason(
         answer.ca.contains(ca_crt.trim()),
         "the trust bundle includes it"
     );
+
+    // Issuing woke the sleeping pool through the gateway's waker: its workload's /scale.
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &a.name);
+    eventually(
+        "a/listed scaled from zero",
+        Duration::from_secs(20),
+        || async {
+            let scale = deployments.get_scale("listed-buildkitd").await.ok()?;
+            (scale.spec?.replicas? == 1).then_some(())
+        },
+    )
+    .await;
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let woke =
+        format!("bkpool_certapi_wake_results_total{{pool=\"{a_listed}\",result=\"scaled_up\"}} 1");
+    assert!(text.contains(&woke), "{text}");
+    // So does POST .../wake, for a caller the pool admits.
+    let (status, body) = api
+        .post(
+            &format!("{}/pools/listed/wake", b.name),
+            &builder,
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "not b's pool to wake: {body}"
+    );
+    let b_builder = token(&client, &b.name, "builder", AUDIENCE).await;
+    let (status, body) = api
+        .post(
+            &format!("{}/pools/listed/wake", b.name),
+            &b_builder,
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let b_deployments: Api<Deployment> = Api::namespaced(client.clone(), &b.name);
+    eventually(
+        "b/listed scaled from zero",
+        Duration::from_secs(20),
+        || async {
+            let scale = b_deployments.get_scale("listed-buildkitd").await.ok()?;
+            (scale.spec?.replicas? == 1).then_some(())
+        },
+    )
+    .await;
 
     // Every refusal has its own reason, and nothing is issued.
     let cases = [
