@@ -158,6 +158,7 @@ async fn relay_once(bytes: usize, splice: bool) -> Duration {
         let upstream = TcpStream::connect(baddr).await.unwrap();
         let settings = Settings {
             idle_timeout: Duration::from_secs(30),
+            ends_at: None,
         };
         if splice {
             relay::splice(client, upstream, &settings, &NoTally).await

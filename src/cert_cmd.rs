@@ -65,9 +65,23 @@ fn issue(args: IssueArgs) -> anyhow::Result<()> {
         None => default_identity(),
     };
     let identity = ClientIdentity::new(&identity).context("--identity")?;
-    let state_dir = crate::local_cmd::state_dir(args.state_dir)?;
-    let pki = open_pki(&state_dir, &config)?;
-    let ca = pki.pool_ca(&id).context("the pool's client CA")?;
+    let state_dir = pki_state_dir(args.state_dir, args.config.as_deref())?;
+    let pki_dir = state_dir.join("pki");
+    let ids = [id.clone()];
+    let Some(pki) = LocalPki::open_existing(&pki_dir, &ids)? else {
+        bail!(
+            "no PKI in {}: start `bkpool local` with this state directory first (it creates \
+             the PKI), or name the state directory of the one that runs with --state-dir",
+            state_dir.display()
+        );
+    };
+    let Some(ca) = pki.pool_ca(&id) else {
+        bail!(
+            "pool {id} has no client CA in {}: restart `bkpool local` with this configuration \
+             (it creates the CAs of new pools)",
+            pki_dir.display()
+        );
+    };
     let issued = ca.issue_client(&id, &identity, args.ttl)?;
     let key = issued.key_pem.as_deref().context("a generated key")?;
     write_tls_dir(
@@ -81,6 +95,46 @@ fn issue(args: IssueArgs) -> anyhow::Result<()> {
         instructions(&args.out, &config, &id, &identity, args.ttl)
     );
     Ok(())
+}
+
+/// Where the PKI to issue from is: the `--state-dir` given, else that of the `bkpool local`
+/// running with the same configuration, else the default. A certificate from any PKI but the
+/// running instance's would be refused by its gateway, so a `--state-dir` naming another one
+/// is refused, naming both.
+fn pki_state_dir(given: Option<PathBuf>, config: Option<&Path>) -> anyhow::Result<PathBuf> {
+    let running = crate::instances::running_with(config);
+    let Some(given) = given else {
+        return match running.as_slice() {
+            [] => crate::local_cmd::state_dir(None),
+            [one] => Ok(one.state_dir.clone()),
+            several => {
+                let list: Vec<String> = several
+                    .iter()
+                    .map(|i| format!("{} (pid {})", i.state_dir.display(), i.pid))
+                    .collect();
+                bail!(
+                    "{} `bkpool local` instances run with this configuration, with state \
+                     directories {}: name one with --state-dir",
+                    several.len(),
+                    list.join(", ")
+                )
+            }
+        };
+    };
+    if let [one] = running.as_slice() {
+        let same = std::fs::canonicalize(&given).ok() == std::fs::canonicalize(&one.state_dir).ok();
+        if !same {
+            bail!(
+                "the `bkpool local` running with this configuration (pid {}) uses the state \
+                 directory {}, not {}: its gateway would refuse a certificate issued from {}",
+                one.pid,
+                one.state_dir.display(),
+                given.display(),
+                given.display()
+            );
+        }
+    }
+    Ok(given)
 }
 
 /// The local PKI with a client CA for every configured pool.

@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -38,7 +38,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         pools.push((id, backend));
     }
     let ids: Vec<PoolId> = pools.iter().map(|(id, _)| id.clone()).collect();
-    let pki_dir = args.out.join("pki");
+    // The configuration's paths are relative to the configuration file (as the gateway reads
+    // them), so the directory works wherever it is, however `--out` was spelt.
+    let out =
+        std::path::absolute(&args.out).with_context(|| format!("--out {}", args.out.display()))?;
+    let relative = |path: PathBuf| {
+        path.strip_prefix(&out)
+            .map(Path::to_path_buf)
+            .unwrap_or(path)
+    };
+    let pki_dir = out.join("pki");
     let pki = LocalPki::open_or_init(&pki_dir, &ids, &[]).context("local PKI")?;
     let identity = ClientIdentity::new(&args.identity)?;
 
@@ -51,19 +60,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     writeln!(
         config,
         "[[server_cert]]\ncert = {:?}\nkey = {:?}",
-        pki.server_cert_path(),
-        pki.server_key_path()
+        relative(pki.server_cert_path()),
+        relative(pki.server_key_path())
     )?;
     for (id, backend) in &pools {
         let issued = pki
             .pool_ca(id)
             .expect("pool CA was created")
             .issue_client(id, &identity, args.ttl)?;
-        let tls_dir = args
-            .out
-            .join("clients")
-            .join(id.namespace())
-            .join(id.name());
+        let tls_dir = out.join("clients").join(id.namespace()).join(id.name());
         let key = issued.key_pem.as_deref().expect("a generated key");
         write_tls_dir(
             &tls_dir,
@@ -80,14 +85,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         writeln!(
             config,
             "client_ca = {:?}\nbackends = [\"{backend}\"]",
-            pki.pool_ca_path(id)
+            relative(pki.pool_ca_path(id))
         )?;
         println!(
             "pool {id}: backend {backend}, client certificate in {}",
             tls_dir.display()
         );
     }
-    let path = args.out.join("gateway.toml");
+    let path = out.join("gateway.toml");
     std::fs::write(&path, config).with_context(|| format!("writing {}", path.display()))?;
     println!(
         "configuration: {}\nrun: bkpool gateway --config {}",
@@ -95,11 +100,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         path.display()
     );
     if let Some((id, _)) = pools.first() {
-        let dir = args
-            .out
-            .join("clients")
-            .join(id.namespace())
-            .join(id.name());
+        let dir = out.join("clients").join(id.namespace()).join(id.name());
         println!(
             "then: buildctl --addr tcp://127.0.0.1:1235 --tlsdir {} debug workers",
             dir.display()

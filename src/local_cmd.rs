@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
+use control::backend_leg::BackendLeg;
 use control::driver::{LocalDriver, ProcessSpec};
 use control::local_config::{LocalConfig, ReplicaCommand};
 use control::scale::local::LocalReplicas;
@@ -36,17 +37,27 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if args.standin {
         config.use_standin();
     }
-    let specs = process_specs(&config)?;
     let state_dir = state_dir(args.state_dir)?;
     let pki = crate::cert_cmd::open_pki(&state_dir, &config)?;
+    let leg = BackendLeg::issue(&pki).context("issuing the backend leg's certificates")?;
+    let specs = process_specs(&config, leg.replica_dir())?;
     let server_cert = CertFiles {
         cert: pki.server_cert_path(),
         key: pki.server_key_path(),
     };
-    let gateway_config = config.gateway(server_cert, |id| pki.pool_ca_path(id));
+    let gateway_config = config.gateway(server_cert, |id| pki.pool_ca_path(id), &leg.gateway_tls());
 
     let driver = LocalDriver::new(state_dir.clone(), config.ports.clone());
-    let replicas = Arc::new(LocalReplicas::new(driver.clone(), specs));
+    let mtls_pools = config
+        .pools
+        .iter()
+        .filter(|p| p.replica.mtls())
+        .map(|p| p.id.clone());
+    let probe_tls = leg
+        .client_config()
+        .context("loading the backend leg's client certificate")?;
+    let replicas =
+        Arc::new(LocalReplicas::new(driver.clone(), specs).with_tls(mtls_pools, probe_tls));
     let mut registry = Registry::default();
     let policies = config
         .pools
@@ -72,6 +83,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         async move { scaler.run(activity, stop).await }
     });
     tracing::info!(state_dir = %state_dir.display(), pki = %pki.dir().display(), pools = config.pools.len(), "bkpool local ready");
+    // So that `bkpool cert issue` finds this state directory (and PKI) without being told.
+    let _registration = crate::instances::register(&state_dir, args.config.as_deref());
 
     let stop = running.shutdown_token();
     tokio::select! {
@@ -112,14 +125,19 @@ pub fn state_dir(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(home).join(".local/state/bkpool"))
 }
 
-/// What each pool's replicas run; refuses (before anything starts) a program not found.
-fn process_specs(config: &LocalConfig) -> anyhow::Result<HashMap<PoolId, ProcessSpec>> {
+/// What each pool's replicas run, `{tls}` naming `tls` (the replicas' side of the backend
+/// leg); refuses (before anything starts) a program not found.
+fn process_specs(config: &LocalConfig, tls: &Path) -> anyhow::Result<HashMap<PoolId, ProcessSpec>> {
+    let tls = tls.to_string_lossy();
+    let fill = |s: &String| s.replace("{tls}", &tls);
     let mut specs = HashMap::new();
     for pool in &config.pools {
         let spec = match &pool.replica {
             ReplicaCommand::Standin { stop_grace } => ProcessSpec {
                 program: std::env::current_exe().context("locating the bkpool binary")?,
-                args: ["standin", "--listen", "{addr}"].map(String::from).to_vec(),
+                args: ["standin", "--listen", "{addr}", "--tls", &tls]
+                    .map(String::from)
+                    .to_vec(),
                 env: Vec::new(),
                 grace: *stop_grace,
             },
@@ -128,10 +146,11 @@ fn process_specs(config: &LocalConfig) -> anyhow::Result<HashMap<PoolId, Process
                 args,
                 env,
                 stop_grace,
+                ..
             } => ProcessSpec {
                 program: find_program(program).with_context(|| not_found(program, &pool.id))?,
-                args: args.clone(),
-                env: env.clone(),
+                args: args.iter().map(fill).collect(),
+                env: env.iter().map(|(k, v)| (k.clone(), fill(v))).collect(),
                 grace: *stop_grace,
             },
         };
@@ -175,16 +194,32 @@ mod tests {
         assert!(find_program("sh").is_some());
         assert_eq!(find_program("/bin/sh"), Some(PathBuf::from("/bin/sh")));
         let mut config = LocalConfig::parse(
-            "[[pool]]\nname = \"a\"\n[pool.replica]\ncommand = [\"bkpool-no-such-program\"]\n",
+            "[[pool]]\nname = \"a\"\n[pool.replica]\ncommand = [\"bkpool-no-such-program\", \"{tls}\"]\n",
             Path::new("."),
         )
         .unwrap();
-        let e = process_specs(&config).unwrap_err().to_string();
+        let tls = Path::new("/state/pki/backend/replica");
+        let e = process_specs(&config, tls).unwrap_err().to_string();
         assert!(e.contains("not on PATH") && e.contains("--standin"), "{e}");
         config.use_standin();
-        let specs = process_specs(&config).unwrap();
+        let specs = process_specs(&config, tls).unwrap();
         let spec = &specs[&"a".parse().unwrap()];
-        assert_eq!(spec.args, ["standin", "--listen", "{addr}"]);
+        assert_eq!(
+            spec.args,
+            [
+                "standin",
+                "--listen",
+                "{addr}",
+                "--tls",
+                "/state/pki/backend/replica"
+            ]
+        );
+        let buildkitd = LocalConfig::parse("[[pool]]\nname = \"a\"\n[pool.replica]\ncommand = [\"sh\", \"--tlscert={tls}/cert.pem\"]\n", Path::new(".")).unwrap();
+        let specs = process_specs(&buildkitd, tls).unwrap();
+        assert_eq!(
+            specs[&"a".parse().unwrap()].args,
+            ["--tlscert=/state/pki/backend/replica/cert.pem"]
+        );
     }
 
     #[test]

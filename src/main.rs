@@ -16,6 +16,7 @@ mod certapi_cmd;
 mod controller_cmd;
 mod demo;
 mod gateway_cmd;
+mod instances;
 mod local_cmd;
 mod login_cmd;
 mod shutdown;
@@ -110,10 +111,25 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("bkpool: {e:#}");
+            eprintln!("bkpool: {}", report(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each once. Many errors already name their cause in their own
+/// message (`{path}: {source}`) and also return it as their source, so printing the chain as
+/// it is (`{e:#}`) says the same thing two or three times; a cause already said is left out.
+fn report(error: &anyhow::Error) -> String {
+    let mut message = error.to_string();
+    for cause in error.chain().skip(1) {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+    }
+    message
 }
 
 fn init_logging(format: LogFormat) {
@@ -125,5 +141,45 @@ fn init_logging(format: LogFormat) {
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error that names its cause and also returns it as its source, as most do.
+    #[derive(Debug)]
+    struct Unreadable {
+        path: String,
+        source: std::io::Error,
+    }
+
+    impl std::fmt::Display for Unreadable {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "{}: {}", self.path, self.source)
+        }
+    }
+
+    impl std::error::Error for Unreadable {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.source)
+        }
+    }
+
+    #[test]
+    fn each_cause_is_reported_once() {
+        let missing = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let inner = Unreadable {
+            path: "/x.pem".into(),
+            source: missing,
+        };
+        let error = anyhow::Error::new(inner).context("loading certificates");
+        assert_eq!(
+            report(&error),
+            "loading certificates: /x.pem: entity not found"
+        );
+        let plain = anyhow::anyhow!("no pool a").context("issuing");
+        assert_eq!(report(&plain), "issuing: no pool a");
     }
 }

@@ -2,6 +2,7 @@
 //! process, so `bkpool local --standin` runs real processes without buildkitd.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use anyhow::Context;
 
@@ -10,13 +11,25 @@ pub struct Args {
     /// Address to serve the gRPC health check and the echo on.
     #[arg(long)]
     listen: SocketAddr,
+    /// Serve mTLS with cert.pem and key.pem from this directory, to clients with a
+    /// certificate of its ca.pem (as `bkpool local`'s replicas do).
+    #[arg(long)]
+    tls: Option<PathBuf>,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    let tls = match &args.tls {
+        Some(dir) => Some(control::standin::tls_config(dir).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    tracing::info!(listen = %args.listen, "stand-in backend serving");
-    control::standin::serve(listener, crate::shutdown::requested()).await;
+    tracing::info!(listen = %args.listen, mtls = tls.is_some(), "stand-in backend serving");
+    let shutdown = crate::shutdown::requested();
+    match tls {
+        Some(tls) => control::standin::serve_tls(listener, tls, shutdown).await,
+        None => control::standin::serve(listener, shutdown).await,
+    }
     Ok(())
 }

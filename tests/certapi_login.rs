@@ -353,13 +353,10 @@ async fn login_from_github_actions_trades_the_runner_token_for_a_certificate() {
 async fn login_with_a_serviceaccount_token_reviewed_by_the_api_server() {
     use control::auth::KubeApi;
     use serde_json::json;
-    let Ok(kubeconfig) = std::env::var("BKPOOL_TEST_KUBECONFIG") else {
-        eprintln!(
-            "skipped: BKPOOL_TEST_KUBECONFIG is not set (../shared/tools/kube-local/start.sh)"
-        );
+    let Some(kubeconfig) = control::testkit::kubeconfig() else {
         return;
     };
-    let kube = KubeApi::from_kubeconfig(kubeconfig.as_ref()).unwrap();
+    let kube = KubeApi::from_kubeconfig(&kubeconfig).unwrap();
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

@@ -22,15 +22,10 @@ struct Replica {
 }
 
 impl Replica {
-    fn start(kubeconfig: &str, ns: &str, identity: &str) -> Self {
+    fn start(kubeconfig: &std::path::Path, ns: &str, identity: &str) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_bkpool"))
-            .args([
-                "--log-format",
-                "json",
-                "controller",
-                "--kubeconfig",
-                kubeconfig,
-            ])
+            .args(["--log-format", "json", "controller", "--kubeconfig"])
+            .arg(kubeconfig)
             .args([
                 "--namespace",
                 ns,
@@ -137,10 +132,7 @@ async fn reconciled(pools: &Api<BuildKitPool>, name: &str) -> Option<()> {
 
 #[tokio::test]
 async fn two_replicas_one_leader_and_takeover_when_it_stops() {
-    let Ok(kubeconfig) = std::env::var("BKPOOL_TEST_KUBECONFIG") else {
-        eprintln!(
-            "skipped: BKPOOL_TEST_KUBECONFIG is not set (../shared/tools/kube-local/start.sh)"
-        );
+    let Some(kubeconfig) = control::testkit::kubeconfig() else {
         return;
     };
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();

@@ -90,12 +90,64 @@ fn unreadable_certificates_are_reported_by_file_before_binding() {
     assert!(err.contains("server.pem"), "the bad file is named:\n{err}");
 }
 
+#[test]
+fn two_pools_sharing_a_client_ca_are_refused_before_binding() {
+    let pki = pki();
+    let dir = tempfile::tempdir().unwrap();
+    // Pool b's CA file is a copy of pool a's: the same CA under another name.
+    let copy = dir.path().join("b-ca.pem");
+    std::fs::copy(pki.client_ca_path("a"), &copy).unwrap();
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let path = dir.path().join("gateway.toml");
+    let text = format!(
+        "listen = \"{free}\"\n[[server_cert]]\ncert = {:?}\nkey = {:?}\n\
+         [[pool]]\nname = \"a\"\nclient_ca = {:?}\nbackends = [\"127.0.0.1:9\"]\n\
+         [[pool]]\nname = \"b\"\nclient_ca = {copy:?}\nbackends = [\"127.0.0.1:9\"]\n",
+        pki.server_cert_path(),
+        pki.server_key_path(),
+        pki.client_ca_path("a")
+    );
+    std::fs::write(&path, text).unwrap();
+    for check in [true, false] {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_bkpool"));
+        command.arg("gateway");
+        if check {
+            command.arg("--check");
+        }
+        let mut child = (command.arg("--config").arg(&path))
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // A gateway that accepted the configuration would serve until stopped.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                child.kill().unwrap();
+                panic!("the gateway accepted the configuration (check: {check})");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(!out.status.success(), "check: {check}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        for part in ["local/a", "local/b", "b-ca.pem", "needs its own"] {
+            assert!(err.contains(part), "{part} not in:\n{err}");
+        }
+    }
+    assert!(
+        std::net::TcpStream::connect(free).is_err(),
+        "nothing was bound"
+    );
+}
+
 #[tokio::test]
 async fn openssl_s_client_is_served() {
-    if Command::new("openssl").arg("version").output().is_err() {
-        eprintln!("skipped: openssl is not installed");
+    let Some(openssl) = control::testkit::program("openssl") else {
         return;
-    }
+    };
     let pki = pki();
     let backend = backends::echo().await;
     let gw = gateway(&pki).pool("a", backend.addr).start();
@@ -104,7 +156,7 @@ async fn openssl_s_client_is_served() {
     let listen = gw.listen.to_string();
     let dirp = dir.path().to_path_buf();
     let out = tokio::task::spawn_blocking(move || {
-        let mut child = Command::new("openssl")
+        let mut child = Command::new(openssl)
             .args([
                 "s_client",
                 "-quiet",
@@ -319,4 +371,39 @@ async fn the_drain_deadline_closes_what_is_left() {
     );
     let status = gw.child.wait().unwrap();
     assert!(status.success());
+}
+
+#[tokio::test]
+async fn the_certificate_request_does_not_name_the_pools() {
+    if Command::new("openssl").arg("version").output().is_err() {
+        panic!("openssl is not installed (apt-get install openssl)");
+    }
+    let pki = Arc::new(TestPki::new().pool("a").pool("secret-project"));
+    let backend = backends::echo().await;
+    let gw = gateway(&pki)
+        .pool("a", backend.addr)
+        .pool("secret-project", backend.addr)
+        .start();
+    let (listen, ca) = (gw.listen.to_string(), pki.server_ca_path());
+    // No client certificate: what anyone who connects is told.
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("openssl")
+            .args(["s_client", "-connect", &listen, "-CAfile"])
+            .arg(ca)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let names = stdout
+        .split("Acceptable client certificate CA names")
+        .nth(1)
+        .and_then(|rest| rest.split("Requested Signature Algorithms").next())
+        .unwrap_or_else(|| panic!("no CA names in the CertificateRequest:\n{stdout}"));
+    assert_eq!(names.matches("bkpool CA ").count(), 2, "{names}");
+    for pool in ["local/a", "secret-project", "client CA"] {
+        assert!(!names.contains(pool), "{pool} named in:\n{names}");
+    }
 }

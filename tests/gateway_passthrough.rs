@@ -123,9 +123,13 @@ async fn an_sni_split_across_segments_is_still_routed() {
     let hello = client_hello(&pki, "builds.example");
     let mut tcp = TcpStream::connect(gw.listen).await.unwrap();
     tcp.set_nodelay(true).unwrap();
-    for byte in &hello {
+    // A byte per segment, paced so the whole ClientHello still arrives well within the
+    // ClientHello deadline (3 s by default): tokio's timer sleeps at least a millisecond.
+    for (i, byte) in hello.iter().enumerate() {
         tcp.write_all(&[*byte]).await.unwrap();
-        tokio::time::sleep(Duration::from_micros(300)).await;
+        if i % 4 == 3 {
+            tokio::time::sleep(Duration::from_micros(300)).await;
+        }
     }
     // The backend answers a whole ClientHello with a ServerHello: the bytes were replayed intact.
     let mut record = [0u8; 5];
@@ -212,4 +216,31 @@ async fn a_gibibyte_through_the_splice_path_arrives_intact() {
         spliced >= (TOTAL - (64 << 10)) as f64,
         "only {spliced} bytes spliced"
     );
+}
+
+#[tokio::test]
+async fn buffered_client_hellos_are_bounded_by_their_memory_budget() {
+    let pki = Arc::new(TestPki::new().pool("a").server_name("builds.example"));
+    // A backend whose dial hangs: each ClientHello stays buffered until the dial gives up.
+    let backend = backends::unanswered();
+    let gw = gateway(&pki)
+        .top("[limits]\nmax_client_hello_bytes = 17408\n[timeouts]\nconnect = \"3s\"")
+        .passthrough("a", "builds.example", backend.addr)
+        .start();
+    let hello = client_hello(&pki, "builds.example");
+    let fits = 17408 / hello.len();
+    let mut clients = Vec::new();
+    for _ in 0..fits + 3 {
+        let mut tcp = TcpStream::connect(gw.listen).await.unwrap();
+        tcp.write_all(&hello).await.unwrap();
+        clients.push(tcp);
+    }
+    let refused = [("pool", "local/a"), ("reason", "client_hello_memory")];
+    gw.wait_metric("bkpool_gateway_connections_rejected_total", &refused, 3.0)
+        .await;
+    let buffered = gw.metric("bkpool_gateway_client_hello_bytes", &[]).await;
+    assert_eq!(buffered, (fits * hello.len()) as f64);
+    // Given back when the connections end.
+    gw.wait_metric("bkpool_gateway_client_hello_bytes", &[], 0.0)
+        .await;
 }

@@ -493,3 +493,287 @@ async fn metrics_are_valid_openmetrics_and_activity_is_json() {
     assert_eq!(gw.get("/healthz").await.0, 200);
     assert_eq!(gw.get("/readyz").await.0, 200);
 }
+
+/// A TLS 1.2-only client configuration for `client` whose session cache is kept across
+/// connections (as `openssl s_client -sess_out`/`-sess_in` keeps one in a file), so every
+/// connection after the first offers to resume.
+fn tls12_resuming(client: &control::pki::testing::TestClient) -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = rustls::pki_types::pem::PemObject::from_pem_slice(client.server_ca_pem.as_bytes());
+    roots.add(ca.unwrap()).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(client.chain_der(), client.key_der())
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Arc::new(config)
+}
+
+/// Connects with `config`, echoes one message, and says how the handshake went.
+async fn echo_once(
+    gw: &support::GatewayProcess,
+    config: &Arc<rustls::ClientConfig>,
+) -> std::io::Result<rustls::HandshakeKind> {
+    let tcp = tokio::net::TcpStream::connect(gw.listen).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(config.clone())
+        .connect(name, tcp)
+        .await?;
+    let kind = tls.get_ref().1.handshake_kind().unwrap();
+    tls.write_all(b"ping").await?;
+    let mut back = [0u8; 4];
+    tls.read_exact(&mut back).await?;
+    assert_eq!(&back, b"ping");
+    Ok(kind)
+}
+
+#[tokio::test]
+async fn a_tls12_session_is_never_resumed_so_an_expired_certificate_stays_out() {
+    use control::pki::IssueOptions;
+    use std::time::SystemTime;
+    let pki = pki();
+    let backend = backends::echo().await;
+    let gw = gateway(&pki).pool("a", backend.addr).start();
+    let now = SystemTime::now();
+    let expires = now + Duration::from_secs(5);
+    let window = IssueOptions::new().valid_between(now - Duration::from_secs(60), expires);
+    let brief = pki.client_with("a", "a", "brief", window);
+    let config = tls12_resuming(&brief);
+
+    let first = echo_once(&gw, &config).await.expect("served while valid");
+    assert_eq!(first, rustls::HandshakeKind::Full);
+    let second = echo_once(&gw, &config).await.expect("still valid");
+    assert_eq!(
+        second,
+        rustls::HandshakeKind::Full,
+        "the session offered for resumption is refused: every handshake verifies the certificate"
+    );
+
+    // Certificate times have one-second precision: wait until it is unambiguously expired.
+    let past = expires + Duration::from_millis(1500);
+    tokio::time::sleep(past.duration_since(SystemTime::now()).unwrap_or_default()).await;
+    let reason = [("pool", ""), ("reason", "cert_expired")];
+    let before = gw
+        .metric("bkpool_gateway_connections_rejected_total", &reason)
+        .await;
+    let after_expiry = echo_once(&gw, &config).await;
+    assert!(
+        after_expiry.is_err(),
+        "an expired certificate was served again: {after_expiry:?}"
+    );
+    gw.wait_metric(
+        "bkpool_gateway_connections_rejected_total",
+        &reason,
+        before + 1.0,
+    )
+    .await;
+    assert_eq!(
+        backend.accepted(),
+        2,
+        "nothing reached the backend after expiry"
+    );
+}
+
+#[tokio::test]
+async fn a_tls12_session_does_not_survive_a_rotation_that_drops_its_issuer() {
+    let pki = pki();
+    let backend = backends::echo().await;
+    let gw = gateway(&pki).pool("a", backend.addr).start();
+    let config = tls12_resuming(&pki.client("a", "alice"));
+    assert_eq!(
+        echo_once(&gw, &config).await.unwrap(),
+        rustls::HandshakeKind::Full
+    );
+
+    // The pool's client CA is replaced by one that did not issue alice's certificate.
+    let successor = control::pki::Ca::generate("successor", Duration::from_secs(3600)).unwrap();
+    std::fs::write(pki.client_ca_path("a"), successor.cert_pem()).unwrap();
+    gw.wait_metric(
+        "bkpool_gateway_credential_reloads_total",
+        &[("kind", "client_ca"), ("result", "ok")],
+        1.0,
+    )
+    .await;
+    let reason = [("pool", ""), ("reason", "cert_untrusted")];
+    let resumed = echo_once(&gw, &config).await;
+    assert!(
+        resumed.is_err(),
+        "a session from before the rotation was served: {resumed:?}"
+    );
+    gw.wait_metric("bkpool_gateway_connections_rejected_total", &reason, 1.0)
+        .await;
+    assert_eq!(backend.accepted(), 1);
+}
+
+/// One echoed message.
+async fn ping<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    tls: &mut S,
+) -> std::io::Result<()> {
+    tls.write_all(b"ping").await?;
+    let mut back = [0u8; 4];
+    tls.read_exact(&mut back).await?;
+    assert_eq!(&back, b"ping");
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_open_connection_ends_when_its_certificate_expires() {
+    use control::pki::IssueOptions;
+    use std::time::SystemTime;
+    let pki = pki();
+    let backend = backends::echo().await;
+    let gw = gateway(&pki).pool("a", backend.addr).start();
+    let now = SystemTime::now();
+    let expires = now + Duration::from_secs(4);
+    let window = IssueOptions::new().valid_between(now - Duration::from_secs(60), expires);
+    let mut brief = gw
+        .connect(&pki.client_with("a", "a", "brief", window))
+        .await
+        .unwrap();
+    let mut lasting = gw.connect(&pki.client("a", "alice")).await.unwrap();
+
+    // Both stay busy (no idle timeout applies); the brief one is cut when its certificate
+    // expires (certificate times have one-second precision), the other goes on.
+    let cut = loop {
+        if ping(&mut brief).await.is_err() {
+            break SystemTime::now();
+        }
+        ping(&mut lasting)
+            .await
+            .expect("the lasting connection goes on");
+        assert!(
+            SystemTime::now() < expires + Duration::from_secs(5),
+            "still served after its certificate expired"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(cut + Duration::from_secs(1) >= expires, "cut early");
+    ping(&mut lasting)
+        .await
+        .expect("the lasting connection goes on");
+    gw.wait_metric(
+        "bkpool_gateway_connections_expired_total",
+        &[("pool", "local/a")],
+        1.0,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_connection_counts_as_open_while_its_backend_is_dialled() {
+    let pki = pki();
+    let backend = backends::unanswered();
+    let gw = gateway(&pki)
+        .pool("a", backend.addr)
+        .top("[timeouts]\nconnect = \"4s\"")
+        .start();
+    let client = pki.client("a", "alice");
+    let mut tls = gw.connect(&client).await.unwrap();
+    tls.write_all(b"ping").await.unwrap();
+    // Authenticated and routed, its backend still being dialled: the scaler must see it,
+    // or a drain could scale the pool to zero under it.
+    gw.wait_metric(
+        "bkpool_gateway_connections_open",
+        &[("pool", "local/a")],
+        1.0,
+    )
+    .await;
+    let (_, body) = gw.get("/activity").await;
+    let snapshot: proxy::activity::Snapshot = serde_json::from_str(&body).unwrap();
+    let a = snapshot.pools.iter().find(|p| p.pool == "local/a").unwrap();
+    assert_eq!(a.open, 1, "{a:?}");
+    gw.wait_metric(
+        "bkpool_gateway_connections_rejected_total",
+        &[("pool", "local/a"), ("reason", "backend_timeout")],
+        1.0,
+    )
+    .await;
+    gw.wait_metric(
+        "bkpool_gateway_connections_open",
+        &[("pool", "local/a")],
+        0.0,
+    )
+    .await;
+}
+
+/// The soft open-files limit of this process, from /proc/self/limits.
+fn open_files_limit() -> u64 {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    line.split_whitespace().nth(3).unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_trickling_sockets_from_one_source_do_not_stop_a_real_handshake() {
+    const TRICKLERS: usize = 1024;
+    // This process holds the trickling sockets (the gateway, its own process, raises its limit).
+    let limit = open_files_limit();
+    assert!(
+        limit >= TRICKLERS as u64 + 256,
+        "this test needs {} open files; the soft limit is {limit} (ulimit -n)",
+        TRICKLERS + 256
+    );
+    let pki = pki();
+    let backend = backends::echo().await;
+    let gw = gateway(&pki)
+        .pool("a", backend.addr)
+        .top("[timeouts]\nclient_hello = \"2s\"")
+        .start();
+    // Every socket from one address, each starting a TLS record it never finishes.
+    let mut sockets = Vec::with_capacity(TRICKLERS);
+    for _ in 0..TRICKLERS {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let mut tcp = socket.connect(gw.listen).await.unwrap();
+        tcp.write_all(&[0x16]).await.unwrap();
+        sockets.push(tcp);
+    }
+    let trickle = tokio::spawn(async move {
+        for byte in [0x03, 0x01, 0x02, 0x00]
+            .into_iter()
+            .chain(std::iter::repeat(0))
+        {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            for tcp in &mut sockets {
+                let _ = tcp.write_all(&[byte]).await;
+            }
+        }
+    });
+    // Past the per-source cap, the rest are refused at once, holding no global slot.
+    gw.wait_metric(
+        "bkpool_gateway_connections_rejected_total",
+        &[("pool", ""), ("reason", "handshake_source_limit")],
+        (TRICKLERS - 64) as f64,
+    )
+    .await;
+    let started = Instant::now();
+    let mut tls = tokio::time::timeout(
+        Duration::from_secs(5),
+        gw.connect(&pki.client("a", "alice")),
+    )
+    .await
+    .expect("handshake within 5 s")
+    .expect("a real client is served while the trickling sockets are open");
+    tls.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    tls.read_exact(&mut back).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(2), "served at once");
+    // The ones that got a slot are cut at the ClientHello deadline, trickling or not.
+    gw.wait_metric(
+        "bkpool_gateway_connections_rejected_total",
+        &[("pool", ""), ("reason", "client_hello_timeout")],
+        64.0,
+    )
+    .await;
+    assert_eq!(
+        gw.metric("bkpool_gateway_handshakes_in_flight", &[]).await,
+        0.0
+    );
+    trickle.abort();
+}

@@ -72,6 +72,75 @@ async fn cert_issue_writes_a_tlsdir_with_a_private_key_and_refuses_long_ttls() {
     assert_eq!(bk.health(&out).await.unwrap(), Health::Serving);
 }
 
+/// `bkpool cert issue` for pool `default` into `out`, run as a user whose home is `home`,
+/// with no state directory named unless `state_dir`.
+fn issue_as_user(
+    bk: &support::local::Local,
+    home: &std::path::Path,
+    state_dir: Option<&std::path::Path>,
+    out: &std::path::Path,
+) -> std::process::Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_bkpool"));
+    command
+        .args([
+            "cert", "issue", "--pool", "default", "--ttl", "10m", "--config",
+        ])
+        .arg(bk.config_path())
+        .arg("--out")
+        .arg(out)
+        .env("HOME", home)
+        .env("XDG_RUNTIME_DIR", bk.dir.path())
+        .env_remove("XDG_STATE_HOME")
+        .env_remove("BKPOOL_STATE_DIR");
+    if let Some(dir) = state_dir {
+        command.arg("--state-dir").arg(dir);
+    }
+    command.output().unwrap()
+}
+
+#[tokio::test]
+async fn cert_issue_finds_the_running_instances_pki_and_never_makes_a_ca() {
+    let mut bk = local("31220-31229", POOL);
+    let home = bk.dir.path().join("home");
+    let default_state = home.join(".local/state/bkpool");
+
+    // No --state-dir: the running instance's, not the default (which stays untouched).
+    let out = bk.dir.path().join("found");
+    let issued = issue_as_user(&bk, &home, None, &out);
+    let stderr = String::from_utf8_lossy(&issued.stderr);
+    assert!(issued.status.success(), "{stderr}");
+    assert!(
+        !home.exists(),
+        "nothing created under the default state directory"
+    );
+    assert_eq!(bk.health(&out).await.unwrap(), Health::Serving);
+
+    // Another state directory than the running instance's: refused, naming both.
+    let other = bk.dir.path().join("other-state");
+    let out = bk.dir.path().join("other");
+    let refused = issue_as_user(&bk, &home, Some(&other), &out);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    let running = bk.state_dir().display().to_string();
+    assert!(
+        stderr.contains(&running) && stderr.contains(&other.display().to_string()),
+        "{stderr}"
+    );
+    assert!(!other.exists() && !out.exists(), "nothing created");
+
+    // Nothing running: the default state directory, which has no PKI, and none is made.
+    bk.child.kill().unwrap();
+    bk.child.wait().unwrap();
+    let refused = issue_as_user(&bk, &home, None, &out);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("no PKI in {}", default_state.display())),
+        "{stderr}"
+    );
+    assert!(!home.exists() && !out.exists(), "no CA, no certificate");
+}
+
 #[tokio::test]
 async fn status_prints_the_pools() {
     let bk = local("31210-31219", POOL);
@@ -134,7 +203,7 @@ fn bad_configurations_and_missing_programs_are_refused_before_anything_starts() 
 
     std::fs::write(
         &config,
-        "listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[[pool]]\nname = \"a\"\n[pool.replica]\ncommand = [\"bkpool-no-such-buildkitd\"]\n",
+        "listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[[pool]]\nname = \"a\"\n[pool.replica]\ncommand = [\"bkpool-no-such-buildkitd\", \"--tlscert={tls}/cert.pem\"]\n",
     )
     .unwrap();
     let out = bkpool(&[

@@ -141,7 +141,7 @@ async fn garbage_unauthenticated_connections_and_port_scans_leave_a_sleeping_poo
 
 #[tokio::test]
 async fn a_replica_that_never_becomes_healthy_fails_held_connections_at_the_deadline() {
-    let body = "[[pool]]\nname = \"stuck\"\n[pool.scaling]\nwake_timeout = \"1s\"\n[pool.replica]\ncommand = [\"sleep\", \"1000\"]\nstop_grace = \"1s\"\n";
+    let body = "[[pool]]\nname = \"stuck\"\n[pool.scaling]\nwake_timeout = \"1s\"\n[pool.replica]\ncommand = [\"sleep\", \"1000\"]\nplaintext = true\nstop_grace = \"1s\"\n";
     let bk = local("31030-31039", body);
     let tls = bk.issue("stuck");
     let began = std::time::Instant::now();
@@ -230,7 +230,7 @@ async fn a_crashed_replica_is_replaced_on_the_next_connection() {
 
 #[tokio::test]
 async fn a_replica_that_exits_at_start_fails_held_connections_at_once() {
-    let body = "[[pool]]\nname = \"broken\"\n[pool.scaling]\nwake_timeout = \"20s\"\n[pool.replica]\ncommand = [\"sh\", \"-c\", \"echo cannot start >&2; exit 3\"]\n";
+    let body = "[[pool]]\nname = \"broken\"\n[pool.scaling]\nwake_timeout = \"20s\"\n[pool.replica]\ncommand = [\"sh\", \"-c\", \"echo cannot start >&2; exit 3\"]\nplaintext = true\n";
     let bk = local("31050-31059", body);
     let tls = bk.issue("broken");
     let began = std::time::Instant::now();

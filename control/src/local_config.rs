@@ -17,8 +17,13 @@
 //! [pool.scaling]
 //! idle_after = "10m"
 //! [pool.replica]
-//! command = ["buildkitd", "--addr", "tcp://{addr}", "--root", "{root}"]
+//! command = ["buildkitd", "--addr", "tcp://{addr}", "--root", "{root}",
+//!            "--tlscacert", "{tls}/ca.pem", "--tlscert", "{tls}/cert.pem", "--tlskey", "{tls}/key.pem"]
 //! ```
+//!
+//! A replica serves mTLS on its loopback port (`{tls}`: see [`crate::backend_leg`]), so no
+//! local user can reach buildkitd past the gateway. A command that does not pass `{tls}` is
+//! refused unless the pool says `plaintext = true`, accepting that risk.
 
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
@@ -26,16 +31,29 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use proxy::config::{
-    CertFiles, ConfigErrors, Faults, GatewayConfig, Limits, Mode, PoolConfig, RawPoolLimits,
-    RawPoolTimeouts, RawTimeouts, Timeouts, from_toml, read_file,
+    BackendTls, CertFiles, ConfigErrors, Faults, GatewayConfig, Limits, Mode, PoolConfig,
+    RawGatewayLimits, RawPoolLimits, RawPoolTimeouts, RawTimeouts, Timeouts, from_toml, read_file,
 };
 use proxy::names::PoolId;
 use serde::Deserialize;
 
 use crate::scale::policy::{DEFAULT_MAX_HELD_TOTAL, Policy, Settings};
 
-/// What a pool's replicas run when no configuration file is given.
-pub const DEFAULT_COMMAND: [&str; 5] = ["buildkitd", "--addr", "tcp://{addr}", "--root", "{root}"];
+/// What a pool's replicas run when no configuration file is given: buildkitd serving mTLS
+/// with the backend leg's certificates.
+pub const DEFAULT_COMMAND: [&str; 11] = [
+    "buildkitd",
+    "--addr",
+    "tcp://{addr}",
+    "--root",
+    "{root}",
+    "--tlscacert",
+    "{tls}/ca.pem",
+    "--tlscert",
+    "{tls}/cert.pem",
+    "--tlskey",
+    "{tls}/key.pem",
+];
 pub const DEFAULT_PORTS: RangeInclusive<u16> = 20_000..=20_999;
 pub const DEFAULT_MAX_CERT_TTL: Duration = Duration::from_secs(3600);
 pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
@@ -71,12 +89,15 @@ pub struct LocalPool {
 /// What a replica runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReplicaCommand {
-    /// A program and its arguments, with `{addr}`, `{port}`, `{root}`, `{pool}` filled in.
+    /// A program and its arguments, with `{addr}`, `{port}`, `{root}`, `{pool}` and `{tls}`
+    /// filled in.
     Command {
         program: String,
         args: Vec<String>,
         env: Vec<(String, String)>,
         stop_grace: Duration,
+        /// Serves plaintext (no `{tls}`), which the pool accepted with `plaintext = true`.
+        plaintext: bool,
     },
     /// The built-in stand-in backend (`bkpool standin`), to try the gateway without buildkitd.
     Standin { stop_grace: Duration },
@@ -116,11 +137,13 @@ impl LocalConfig {
     }
 
     /// The gateway's configuration: terminate mode, the PKI's server certificate and each
-    /// pool's client CA; backends come from the scaler.
+    /// pool's client CA, and `backend_tls` on the leg to replicas that serve mTLS; backends
+    /// come from the scaler.
     pub fn gateway(
         &self,
         server_cert: CertFiles,
         client_ca: impl Fn(&PoolId) -> PathBuf,
+        backend_tls: &BackendTls,
     ) -> GatewayConfig {
         GatewayConfig {
             listen: self.listen,
@@ -141,7 +164,7 @@ impl LocalConfig {
                     max_connections_per_identity: p.max_connections_per_identity,
                     connect_timeout: p.connect_timeout,
                     idle_timeout: p.idle_timeout,
-                    backend_tls: None,
+                    backend_tls: p.replica.mtls().then(|| backend_tls.clone()),
                 })
                 .collect(),
         }
@@ -153,6 +176,17 @@ impl ReplicaCommand {
         match self {
             Self::Command { stop_grace, .. } | Self::Standin { stop_grace } => *stop_grace,
         }
+    }
+
+    /// Whether the gateway reaches these replicas over mTLS (all but `plaintext` ones).
+    pub fn mtls(&self) -> bool {
+        !matches!(
+            self,
+            Self::Command {
+                plaintext: true,
+                ..
+            }
+        )
     }
 }
 
@@ -179,6 +213,8 @@ struct RawConfig {
 struct RawLimits {
     max_connections: Option<i64>,
     max_handshakes: Option<i64>,
+    max_handshakes_per_source: Option<i64>,
+    max_held_per_source: Option<i64>,
     max_held: Option<i64>,
 }
 
@@ -228,6 +264,8 @@ struct RawReplica {
     #[serde(default)]
     standin: bool,
     stop_grace: Option<String>,
+    #[serde(default)]
+    plaintext: bool,
 }
 
 // ---- raw → typed, collecting faults ----
@@ -241,10 +279,26 @@ impl Validator {
     fn config(&mut self, raw: RawConfig) -> LocalConfig {
         let f = &mut self.faults;
         let (listen, admin) = f.listeners(raw.listen.as_deref(), raw.admin.as_deref());
-        let limits = f.limits(raw.limits.max_connections, raw.limits.max_handshakes);
+        let mut limits = f.limits(&RawGatewayLimits {
+            max_connections: raw.limits.max_connections,
+            max_handshakes: raw.limits.max_handshakes,
+            max_handshakes_per_source: raw.limits.max_handshakes_per_source,
+            max_held_per_source: raw.limits.max_held_per_source,
+            // Local pools terminate TLS: every held connection is authenticated, and no
+            // ClientHello is kept for replay.
+            ..RawGatewayLimits::default()
+        });
         let max_held = f
             .count("limits.max_held", raw.limits.max_held)
             .unwrap_or(DEFAULT_MAX_HELD_TOTAL);
+        // The local gateway listens on loopback: every client comes from this host, one
+        // source address, so per-source caps default to the whole.
+        if raw.limits.max_handshakes_per_source.is_none() {
+            limits.max_handshakes_per_source = limits.max_handshakes;
+        }
+        if raw.limits.max_held_per_source.is_none() {
+            limits.max_held_per_source = max_held;
+        }
         let timeouts = f.timeouts(&raw.timeouts);
         let d = Settings::default();
         let r = &raw.scaling;
@@ -428,15 +482,29 @@ impl Validator {
                 ReplicaCommand::Standin { stop_grace }
             }
             (command, false) => {
-                let mut words = command
-                    .unwrap_or_else(|| DEFAULT_COMMAND.iter().map(|s| s.to_string()).collect())
-                    .into_iter();
+                let words = command
+                    .unwrap_or_else(|| DEFAULT_COMMAND.iter().map(|s| s.to_string()).collect());
+                let passes_tls = words
+                    .iter()
+                    .chain(env.iter().map(|(_, v)| v))
+                    .any(|w| w.contains("{tls}"));
+                if !passes_tls && !raw.plaintext {
+                    self.faults.add(
+                        format!("{at}.command"),
+                        "does not pass {tls} to the replica: a replica serving plaintext on \
+                         loopback can be reached by any local user, past the gateway's client \
+                         certificates (for buildkitd: --tlscacert {tls}/ca.pem --tlscert \
+                         {tls}/cert.pem --tlskey {tls}/key.pem); set plaintext = true to accept that",
+                    );
+                }
+                let mut words = words.into_iter();
                 let program = words.next().expect("checked non-empty");
                 ReplicaCommand::Command {
                     program,
                     args: words.collect(),
                     env,
                     stop_grace,
+                    plaintext: !passes_tls,
                 }
             }
         }
@@ -482,7 +550,50 @@ mod tests {
             panic!("{:?}", pool.replica)
         };
         assert_eq!(program, "buildkitd");
-        assert_eq!(args, &["--addr", "tcp://{addr}", "--root", "{root}"]);
+        assert_eq!(&args[..4], &["--addr", "tcp://{addr}", "--root", "{root}"]);
+        assert!(
+            args.contains(&"{tls}/cert.pem".to_owned()),
+            "mTLS: {args:?}"
+        );
+        assert!(pool.replica.mtls());
+        // Every local client comes from this host: per-source caps are the whole.
+        assert_eq!(c.limits.max_handshakes_per_source, c.limits.max_handshakes);
+        assert_eq!(c.limits.max_held_per_source, DEFAULT_MAX_HELD_TOTAL);
+    }
+
+    #[test]
+    fn a_command_without_tls_is_refused_unless_plaintext_is_accepted() {
+        let plain = "[[pool]]\nname = \"a\"\n[pool.replica]\ncommand = [\"buildkitd\", \"--addr\", \"tcp://{addr}\"]\n";
+        let e = parse(plain).unwrap_err();
+        let fault = &e.0[0];
+        assert_eq!(fault.path, "pool[0].replica.command");
+        assert!(
+            fault.message.contains("{tls}") && fault.message.contains("plaintext = true"),
+            "{e}"
+        );
+        let c = parse(&format!("{plain}plaintext = true\n")).unwrap();
+        assert!(!c.pools[0].replica.mtls());
+        let tls = BackendTls {
+            ca: "/b/ca.pem".into(),
+            cert: "/b/cert.pem".into(),
+            key: "/b/key.pem".into(),
+            server_name: None,
+        };
+        let cert = CertFiles {
+            cert: "/s/server.pem".into(),
+            key: "/s/server.key".into(),
+        };
+        assert!(
+            c.gateway(cert.clone(), |_| "/ca".into(), &tls).pools[0]
+                .backend_tls
+                .is_none()
+        );
+        let env_only = "[[pool]]\nname = \"a\"\n[pool.replica]\ncommand = [\"run\"]\nenv = { TLS = \"{tls}\" }\n";
+        let c = parse(env_only).unwrap();
+        assert_eq!(
+            c.gateway(cert, |_| "/ca".into(), &tls).pools[0].backend_tls,
+            Some(tls)
+        );
     }
 
     #[test]
@@ -512,6 +623,7 @@ mod tests {
             command = ["sleep", "1000"]
             env = { A = "{pool}" }
             stop_grace = "2s"
+            plaintext = true
             "#,
         )
         .unwrap();
@@ -542,6 +654,7 @@ mod tests {
                 args: vec!["1000".into()],
                 env: vec![("A".into(), "{pool}".into())],
                 stop_grace: Duration::from_secs(2),
+                plaintext: true,
             }
         );
     }
@@ -604,8 +717,19 @@ mod tests {
             cert: "/s/server.pem".into(),
             key: "/s/server.key".into(),
         };
-        let g = c.gateway(cert, |id| PathBuf::from(format!("/s/{id}/ca.pem")));
+        let tls = BackendTls {
+            ca: "/b/ca.pem".into(),
+            cert: "/b/cert.pem".into(),
+            key: "/b/key.pem".into(),
+            server_name: None,
+        };
+        let g = c.gateway(cert, |id| PathBuf::from(format!("/s/{id}/ca.pem")), &tls);
         assert_eq!(g.pools[0].mode, Mode::Terminate);
+        assert_eq!(
+            g.pools[0].backend_tls,
+            Some(tls),
+            "the stand-in serves mTLS too"
+        );
         assert_eq!(
             g.pools[0].client_ca.as_deref(),
             Some(Path::new("/s/local/default/ca.pem"))

@@ -4,9 +4,14 @@
 //!   `grpc.health.v1.Health/Check` and, like any real gRPC server, UNIMPLEMENTED to every
 //!   other method;
 //! - anything else: echoed byte for byte, half-close included, for byte-flow tests.
+//!
+//! As a replica of `bkpool local` it serves both over mTLS ([`tls_config`]), as buildkitd does
+//! there: the gateway reaches it with its backend certificate, and nobody else.
 
 use std::convert::Infallible;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -19,7 +24,9 @@ use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
+#[cfg(test)]
+use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
 use crate::grpc;
@@ -52,13 +59,82 @@ pub async fn serve(listener: TcpListener, shutdown: impl Future<Output = ()>) {
 /// Serves `listener` until `shutdown` completes; open connections end with it, as they would
 /// when a real backend process exits.
 pub async fn serve_with(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) {
+    serve_inner(listener, config, None, shutdown).await
+}
+
+/// Like [`serve`], each connection over TLS with `tls` first (see [`tls_config`]).
+pub async fn serve_tls(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    serve_inner(listener, Config::default(), Some(acceptor), shutdown).await
+}
+
+/// A server configuration from a `buildctl --tlsdir`-shaped directory: `cert.pem` and
+/// `key.pem` to serve, and clients required to present a certificate of `ca.pem`. ALPN `h2`.
+pub fn tls_config(dir: &Path) -> Result<Arc<rustls::ServerConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let file = |name: &str| dir.join(name);
+    let read_certs = |path: PathBuf| {
+        CertificateDer::pem_file_iter(&path)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| format!("{}: {e}", path.display()))
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in read_certs(file("ca.pem"))? {
+        roots
+            .add(ca)
+            .map_err(|e| format!("{}: {e}", file("ca.pem").display()))?;
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| format!("{}: {e}", file("ca.pem").display()))?;
+    let key = PrivateKeyDer::from_pem_file(file("key.pem"))
+        .map_err(|e| format!("{}: {e}", file("key.pem").display()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(read_certs(file("cert.pem"))?, key)
+        .map_err(|e| format!("{}: {e}", file("cert.pem").display()))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+async fn serve_inner(
+    listener: TcpListener,
+    config: Config,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: impl Future<Output = ()>,
+) {
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             () = &mut shutdown => return,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => drop(connections.spawn(handle(stream, config))),
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    let tls = tls.clone();
+                    connections.spawn(async move {
+                        match tls {
+                            None => handle(stream, config).await,
+                            Some(tls) => {
+                                let handshake = tokio::time::timeout(HANDSHAKE, tls.accept(stream));
+                                if let Ok(Ok(stream)) = handshake.await {
+                                    handle(stream, config).await;
+                                }
+                            }
+                        }
+                    });
+                }
                 Err(error) => {
                     // Usually EMFILE: back off instead of spinning on the same error.
                     tracing::warn!(%error, "stand-in backend could not accept");
@@ -70,8 +146,14 @@ pub async fn serve_with(listener: TcpListener, config: Config, shutdown: impl Fu
     }
 }
 
-async fn handle(mut stream: TcpStream, config: Config) {
-    let _ = stream.set_nodelay(true);
+/// A connection the stand-in serves: plain TCP or TLS over it.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for S {}
+
+/// How long a client has for its TLS handshake.
+const HANDSHAKE: Duration = Duration::from_secs(10);
+
+async fn handle<S: Stream>(mut stream: S, config: Config) {
     let Ok(first) = read_until_decided(&mut stream).await else {
         return;
     };
@@ -96,7 +178,7 @@ async fn handle(mut stream: TcpStream, config: Config) {
 /// Reads until the bytes are the whole preface, stop matching it, or the client half-closes.
 /// A client that sends a few bytes and waits for their echo is answered as soon as they
 /// differ from the preface.
-async fn read_until_decided(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+async fn read_until_decided<S: Stream>(stream: &mut S) -> std::io::Result<Vec<u8>> {
     let mut first = Vec::with_capacity(H2_PREFACE.len());
     let mut chunk = [0; H2_PREFACE.len()];
     while first.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(&first) {
@@ -111,15 +193,15 @@ async fn read_until_decided(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> 
     Ok(first)
 }
 
-async fn echo(first: Vec<u8>, mut stream: TcpStream) -> std::io::Result<()> {
-    stream.write_all(&first).await?;
-    let (mut from, mut to) = stream.split();
+async fn echo<S: Stream>(first: Vec<u8>, stream: S) -> std::io::Result<()> {
+    let (mut from, mut to) = tokio::io::split(stream);
+    to.write_all(&first).await?;
     tokio::io::copy(&mut from, &mut to).await?;
     // The client half-closed and everything it sent went back: pass the FIN on.
     to.shutdown().await
 }
 
-async fn serve_grpc(io: Replay, config: Config) -> std::io::Result<()> {
+async fn serve_grpc<S: Stream>(io: Replay<S>, config: Config) -> std::io::Result<()> {
     let service = service_fn(move |request| answer(request, config));
     http2::Builder::new(TokioExecutor::new())
         .serve_connection(TokioIo::new(io), service)
@@ -185,13 +267,13 @@ fn plain(status: StatusCode) -> Response<Body> {
 }
 
 /// The connection with the bytes already read put back in front.
-struct Replay {
+struct Replay<S> {
     first: Vec<u8>,
     at: usize,
-    inner: TcpStream,
+    inner: S,
 }
 
-impl AsyncRead for Replay {
+impl<S: Stream> AsyncRead for Replay<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -207,7 +289,7 @@ impl AsyncRead for Replay {
     }
 }
 
-impl AsyncWrite for Replay {
+impl<S: Stream> AsyncWrite for Replay<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

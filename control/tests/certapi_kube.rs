@@ -20,15 +20,10 @@ use tower::ServiceExt;
 
 const AUDIENCE: &str = "bkpool";
 
-/// The API server named by `BKPOOL_TEST_KUBECONFIG`, or `None` (and a note) without it.
+/// The API server named by `BKPOOL_TEST_KUBECONFIG`, or `None` (a skip) without it.
 fn test_kube() -> Option<KubeApi> {
-    let Ok(path) = std::env::var("BKPOOL_TEST_KUBECONFIG") else {
-        eprintln!(
-            "skipped: BKPOOL_TEST_KUBECONFIG is not set (../shared/tools/kube-local/start.sh)"
-        );
-        return None;
-    };
-    Some(KubeApi::from_kubeconfig(path.as_ref()).expect("a usable kubeconfig"))
+    let path = control::testkit::kubeconfig()?;
+    Some(KubeApi::from_kubeconfig(&path).expect("a usable kubeconfig"))
 }
 
 /// A fresh namespace with ServiceAccounts `builder` and `other`, deleted (without waiting)

@@ -1,7 +1,8 @@
 //! The operator against a real API server (skipped without `BKPOOL_TEST_KUBECONFIG`): schema
 //! refusals, the objects a pool produces and their owner references, updates, no writes
-//! when nothing changed, replicas left to the scaler, semantic validation, garbage
-//! collection, and a wake seen through a pod made ready the way a kubelet would.
+//! when nothing changed, replicas left to the scaler, semantic validation, host names claimed
+//! by one pool only, garbage collection, and a wake that runs the operator's pod spec (the
+//! real buildkitd, through the process kubelet) until it is Ready and serves mTLS.
 
 mod support;
 
@@ -9,6 +10,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use control::crd::{BuildKitPool, Phase};
+use control::kubelet::Kubelet;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::api::events::v1::Event;
@@ -278,6 +280,47 @@ async fn a_pool_becomes_its_objects_updates_them_and_then_writes_nothing() {
 }
 
 #[tokio::test]
+async fn a_pool_created_awake_gets_one_pod_template_with_its_real_hashes() {
+    let Some(client) = test_client().await else {
+        return;
+    };
+    install_crd(&client).await;
+    let ns = TestNamespace::create(&client, "bkp-awake").await;
+    let controller = RunningController::start(&client, &ns.name);
+    let spec = json!({"scaling": {"minReplicas": 1}});
+    create_pool(&client, &ns.name, "awake", spec).await.unwrap();
+    wait_phase(&client, &ns.name, "awake", Phase::Waking).await;
+    // Give a second revision, if one is coming, time to arrive.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let deployment = deployments.get("awake-buildkitd").await.unwrap();
+    let template = deployment.spec.unwrap().template.metadata.unwrap();
+    let annotations = template.annotations.unwrap();
+    let configs: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
+    let config = configs.get("awake-buildkitd-config").await.unwrap();
+    let toml = &config.data.unwrap()["buildkitd.toml"];
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let tls = secrets.get("awake-buildkitd-tls").await.unwrap();
+    let cert = &tls.data.unwrap()["tls.crt"].0;
+    use control::operator::objects::content_hash;
+    assert_eq!(
+        annotations["bkpool.dev/config-hash"],
+        content_hash(&[toml.as_bytes()]),
+        "the hash of the configuration the pod reads"
+    );
+    assert_eq!(annotations["bkpool.dev/tls-hash"], content_hash(&[cert]));
+    // One revision of the pod template: the first pod is not replaced a moment later.
+    assert_eq!(deployment.metadata.generation, Some(1), "{annotations:?}");
+    let sets: Api<k8s_openapi::api::apps::v1::ReplicaSet> =
+        Api::namespaced(client.clone(), &ns.name);
+    let revisions = sets.list(&ListParams::default()).await.unwrap().items.len();
+    assert_eq!(revisions, 1, "ReplicaSets of the Deployment");
+    controller.stop().await;
+    ns.delete().await;
+}
+
+#[tokio::test]
 async fn an_invalid_pool_is_reported_and_creates_nothing() {
     let Some(client) = test_client().await else {
         return;
@@ -334,6 +377,92 @@ async fn an_invalid_pool_is_reported_and_creates_nothing() {
     ns.delete().await;
 }
 
+/// The `HostsAccepted` condition of `name` once it has status `want`.
+async fn wait_hosts(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    want: &str,
+) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    eventually(&format!("{name} HostsAccepted {want}"), WAIT, || async {
+        let api: Api<BuildKitPool> = Api::namespaced(client.clone(), ns);
+        let status = api.get(name).await.ok()?.status?;
+        status
+            .condition("HostsAccepted")
+            .filter(|c| c.status == want)
+            .cloned()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_host_name_routes_to_one_pool_and_a_refused_claim_is_reported() {
+    let Some(client) = test_client().await else {
+        return;
+    };
+    install_crd(&client).await;
+    let ns = TestNamespace::create(&client, "bkp-hosts").await;
+    let controller = RunningController::start(&client, &ns.name);
+    let hosts = |names: &[&str]| json!({"gateway": {"mode": "passthrough", "hosts": names}});
+    create_pool(&client, &ns.name, "first", hosts(&["build.example.com"]))
+        .await
+        .unwrap();
+    wait_phase(&client, &ns.name, "first", Phase::Sleeping).await;
+    create_pool(
+        &client,
+        &ns.name,
+        "second",
+        hosts(&["build.example.com", "second.example.com"]),
+    )
+    .await
+    .unwrap();
+    let refused = wait_hosts(&client, &ns.name, "second", "False").await;
+    assert_eq!(refused.reason, "HostConflict");
+    let holder = format!(
+        "spec.gateway.hosts[0]: build.example.com already routes to pool {}/first",
+        ns.name
+    );
+    assert_eq!(refused.message, holder);
+    // The rest of the pool is served: only the contested name is refused.
+    wait_phase(&client, &ns.name, "second", Phase::Sleeping).await;
+    assert_eq!(
+        wait_hosts(&client, &ns.name, "first", "True").await.reason,
+        "HostsRouted"
+    );
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns.name);
+    eventually("HostConflict event", WAIT, || async {
+        let list = events.list(&ListParams::default()).await.ok()?;
+        list.items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("HostConflict"))
+    })
+    .await;
+
+    // Another namespace's Service name is not this namespace's to claim.
+    create_pool(&client, &ns.name, "takeover", hosts(&["ci.default.svc"]))
+        .await
+        .unwrap();
+    let status = wait_phase(&client, &ns.name, "takeover", Phase::Degraded).await;
+    let validated = status.condition("Validated").unwrap();
+    assert!(
+        validated.message.contains("spec.gateway.hosts[0]")
+            && validated.message.contains("namespace \"default\""),
+        "{}",
+        validated.message
+    );
+
+    // The holder goes: the name passes to the pool that asked next, without waiting for a
+    // periodic resync.
+    let pools: Api<BuildKitPool> = Api::namespaced(client.clone(), &ns.name);
+    pools
+        .delete("first", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_hosts(&client, &ns.name, "second", "True").await;
+    controller.stop().await;
+    ns.delete().await;
+}
+
 #[tokio::test]
 async fn deleting_a_pool_collects_everything_it_owned() {
     let Some(client) = test_client().await else {
@@ -374,58 +503,56 @@ async fn deleting_a_pool_collects_everything_it_owned() {
 }
 
 #[tokio::test]
-async fn a_pod_made_ready_wakes_the_pool_with_an_event() {
+async fn a_woken_pool_runs_a_real_buildkitd_with_its_tls_and_config_and_becomes_ready() {
     let Some(client) = test_client().await else {
+        return;
+    };
+    let Some(buildkit) = control::testkit::buildkit() else {
         return;
     };
     install_crd(&client).await;
     let ns = TestNamespace::create(&client, "bkp-wake").await;
     let controller = RunningController::start(&client, &ns.name);
-    create_pool(&client, &ns.name, "w", json!({}))
-        .await
-        .unwrap();
+    let kubelet = Kubelet::builder(client.clone(), &ns.name)
+        .buildkit(&buildkit)
+        .start();
+    // Privileged: the process kubelet runs every container as root.
+    let spec = json!({"workload": {"security": "Privileged"}, "buildkitd": {"maxParallelism": 3}});
+    create_pool(&client, &ns.name, "w", spec).await.unwrap();
     wait_phase(&client, &ns.name, "w", Phase::Sleeping).await;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
-    let scale = json!({"spec": {"replicas": 1}});
+    let scale = |n: i32| json!({"spec": {"replicas": n}});
     deployments
         .patch_scale(
             "w-buildkitd",
             &PatchParams::default(),
-            &Patch::Merge(&scale),
+            &Patch::Merge(&scale(1)),
         )
         .await
         .unwrap();
-    wait_phase(&client, &ns.name, "w", Phase::Waking).await;
 
-    // Play scheduler and kubelet: bind the pod and mark it ready.
+    // The operator's pod spec, run as it is: buildkitd answers its readiness probe.
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
-    let pod = eventually("pod created", WAIT, || async {
-        let lp = ListParams::default().labels("bkpool.dev/pool=w");
-        pods.list(&lp).await.ok()?.items.into_iter().next()
-    })
-    .await;
-    let node = std::env::var("KUBE_LOCAL_NODE").unwrap_or_else(|_| "kube-local-node".into());
-    let binding = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": pod.name_any()}, "target": {"apiVersion": "v1", "kind": "Node", "name": node}});
-    let url = format!(
-        "/api/v1/namespaces/{}/pods/{}/binding",
-        ns.name,
-        pod.name_any()
-    );
-    let request = http::Request::post(url)
-        .header("content-type", "application/json")
-        .body(serde_json::to_vec(&binding).unwrap())
-        .unwrap();
-    client.request::<serde_json::Value>(request).await.unwrap();
-    let ready = json!({"status": {"phase": "Running", "hostIP": "127.0.0.1", "podIP": "127.0.0.2", "podIPs": [{"ip": "127.0.0.2"}],
-        "conditions": [{"type": "Ready", "status": "True"}, {"type": "ContainersReady", "status": "True"}, {"type": "PodScheduled", "status": "True"}, {"type": "Initialized", "status": "True"}]}});
-    pods.patch_status(
-        &pod.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&ready),
+    let diagnose = async || {
+        let listed = pods.list(&ListParams::default()).await.unwrap();
+        let statuses: Vec<_> = listed.items.iter().map(|p| &p.status).collect();
+        format!("pods: {statuses:#?}\nlogs:\n{}", kubelet.logs())
+    };
+    let ready = tokio::time::timeout(
+        WAIT * 3,
+        eventually("the pool Ready", WAIT * 4, || async {
+            let pool = Api::<BuildKitPool>::namespaced(client.clone(), &ns.name)
+                .get("w")
+                .await
+                .ok()?;
+            let status = pool.status?;
+            (status.phase == Some(Phase::Ready)).then_some(status)
+        }),
     )
-    .await
-    .unwrap();
-    let status = wait_phase(&client, &ns.name, "w", Phase::Ready).await;
+    .await;
+    let Ok(status) = ready else {
+        panic!("the pool not Ready: {}", diagnose().await);
+    };
     assert_eq!((status.replicas, status.ready_replicas), (Some(1), Some(1)));
     assert_eq!(status.condition("Ready").unwrap().status, "True");
     let events: Api<Event> = Api::namespaced(client.clone(), &ns.name);
@@ -437,24 +564,81 @@ async fn a_pod_made_ready_wakes_the_pool_with_an_event() {
             .then_some(())
     })
     .await;
-    // Let the namespace go: the bound pod needs a kubelet-style delete.
-    let zero = json!({"spec": {"replicas": 0}});
-    deployments
-        .patch_scale("w-buildkitd", &PatchParams::default(), &Patch::Merge(&zero))
+
+    // It serves mTLS with the pool's backend certificate, to the gateway's backend
+    // certificate only, with the configuration the operator rendered.
+    let pod = pods
+        .list(&ListParams::default().labels("bkpool.dev/pool=w"))
         .await
         .unwrap();
-    let _ = pods
-        .delete(
-            &pod.name_any(),
-            &DeleteParams {
-                grace_period_seconds: Some(0),
-                ..DeleteParams::default()
-            },
+    let ip = pod.items[0]
+        .status
+        .as_ref()
+        .unwrap()
+        .pod_ip
+        .clone()
+        .unwrap();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let tls = tempfile::tempdir().unwrap();
+    let backend = secrets.get("w-gateway-backend-tls").await.unwrap();
+    for key in ["tls.crt", "tls.key", "ca.crt"] {
+        let data = &backend.data.as_ref().unwrap()[key].0;
+        std::fs::write(tls.path().join(key), data).unwrap();
+    }
+    let workers = |with_cert: bool| {
+        let mut command = tokio::process::Command::new(&buildkit.buildctl);
+        command
+            .arg("--addr")
+            .arg(format!("tcp://{ip}:1234"))
+            .arg("--tlsservername")
+            .arg(format!("w-buildkitd.{}.svc", ns.name))
+            .arg("--tlscacert")
+            .arg(tls.path().join("ca.crt"));
+        if with_cert {
+            command
+                .arg("--tlscert")
+                .arg(tls.path().join("tls.crt"))
+                .arg("--tlskey")
+                .arg(tls.path().join("tls.key"));
+        }
+        command.args(["debug", "workers", "--verbose"]).output()
+    };
+    let served = workers(true).await.unwrap();
+    let listing = String::from_utf8_lossy(&served.stdout);
+    assert!(
+        served.status.success() && listing.contains("ID:"),
+        "{listing}{}\n{}",
+        String::from_utf8_lossy(&served.stderr),
+        kubelet.logs()
+    );
+    let refused = workers(false).await.unwrap();
+    assert!(
+        !refused.status.success(),
+        "no client certificate, no service"
+    );
+    let config = kubelet.logs();
+    assert!(!config.contains("level=error"), "{config}");
+
+    // Scaled to zero, the kubelet stops buildkitd and the pool sleeps.
+    deployments
+        .patch_scale(
+            "w-buildkitd",
+            &PatchParams::default(),
+            &Patch::Merge(&scale(0)),
         )
-        .await;
+        .await
+        .unwrap();
     wait_phase(&client, &ns.name, "w", Phase::Sleeping).await;
+    eventually("the pod gone", WAIT, || async {
+        let left = pods
+            .list(&ListParams::default().labels("bkpool.dev/pool=w"))
+            .await
+            .ok()?;
+        left.items.is_empty().then_some(())
+    })
+    .await;
     controller.stop().await;
-    ns.delete().await;
+    ns.delete_after(kubelet).await;
 }
 
 fn total_writes(controller: &RunningController) -> u64 {

@@ -14,6 +14,7 @@ use control::operator::metrics::Metrics;
 use control::operator::status::Observed;
 use control::operator::{buildkitd, status, workload};
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::watcher;
 use serde_json::{Value, json};
@@ -69,9 +70,27 @@ async fn record(
     axum::Json(body)
 }
 
+/// The operator's context with empty caches but for `deployments` and the pool's buildkitd
+/// certificate Secret (the workload waits for it).
 fn context(client: kube::Client, deployments: Option<Deployment>) -> Context {
+    context_with(client, deployments, true)
+}
+
+fn context_with(
+    client: kube::Client,
+    deployments: Option<Deployment>,
+    certificate_cached: bool,
+) -> Context {
     let (pools, _) = reflector::store();
-    let (secrets, _) = reflector::store();
+    let (secrets, mut secret_writer): (_, Writer<Secret>) = reflector::store();
+    if certificate_cached {
+        let secret: Secret = serde_json::from_value(json!({
+            "metadata": {"name": "a-buildkitd-tls", "namespace": "ci"},
+            "data": {"tls.crt": "Y2VydA=="}
+        }))
+        .unwrap();
+        secret_writer.apply_watcher_event(&watcher::Event::Apply(secret));
+    }
     let (config_maps, _) = reflector::store();
     let (deployment_store, mut writer): (_, Writer<Deployment>) = reflector::store();
     if let Some(d) = deployments {
@@ -169,6 +188,11 @@ async fn status_goes_to_the_status_subresource_and_omits_the_scalers_fields() {
 #[tokio::test]
 async fn a_new_workload_is_created_with_replicas_and_later_applied_without() {
     let (client, log) = mock_api().await;
+    // Not before its certificate's Secret is cached: the pod template would carry the hash
+    // of nothing and be replaced the moment the Secret arrived.
+    let ctx = context_with(client.clone(), None, false);
+    workload::reconcile(&pool(), &ctx).await.unwrap();
+    assert!(log.lock().unwrap().is_empty(), "{:?}", log.lock().unwrap());
     let ctx = context(client.clone(), None);
     workload::reconcile(&pool(), &ctx).await.unwrap();
     let seen = log.lock().unwrap().clone();

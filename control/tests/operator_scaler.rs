@@ -4,6 +4,7 @@
 //! marked draining and not scaled until the gateway acknowledges the exact mark; a held
 //! connection cancels the drain; an acknowledged drain scales the Deployment to zero and
 //! clears the mark. The reconcilers' status (phase Draining) and the scaler's part coexist.
+//! A gateway's wake never undoes a scale-up written between its read and its write.
 
 mod support;
 
@@ -17,6 +18,8 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use control::crd::BuildKitPool;
+use control::gateway::upstream::Woke;
+use control::gateway::wake;
 use control::operator::scaler::{self, Settings};
 use control::operator::watch::Scope;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -246,5 +249,58 @@ async fn an_idle_pool_drains_and_scales_to_zero_only_when_every_gateway_acknowle
 
     scaler.stop().await;
     controller.stop().await;
+    ns.delete().await;
+}
+
+/// A gateway's wake reads the count, then writes one replica: a scale-up by the scaler in
+/// between (to 3, say, for a busy pool) must survive it, not be undone to 1.
+#[tokio::test]
+async fn a_wake_never_undoes_a_scale_up_made_after_it_read_the_count() {
+    let Some(client) = test_client().await else {
+        return;
+    };
+    let ns = TestNamespace::create(&client, "wake-race").await;
+    let api: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": { "name": "w-buildkitd" },
+        "spec": {
+            "replicas": 0,
+            "selector": { "matchLabels": { "app": "w" } },
+            "template": {
+                "metadata": { "labels": { "app": "w" } },
+                "spec": { "containers": [{ "name": "buildkitd", "image": "moby/buildkit" }] },
+            },
+        },
+    }))
+    .unwrap();
+    api.create(&PostParams::default(), &deployment)
+        .await
+        .expect("Deployment");
+    let set = |n: i32| {
+        let api = api.clone();
+        async move {
+            let patch = Patch::Merge(json!({ "spec": { "replicas": n } }));
+            api.patch_scale("w-buildkitd", &PatchParams::default(), &patch)
+                .await
+                .expect("scale");
+        }
+    };
+
+    // The wake reads 0; the scaler then scales up to 3; the wake's write comes last.
+    let read = api.get_scale("w-buildkitd").await.unwrap();
+    set(3).await;
+    let attempt = wake::scale_from_zero_as_read(&api, "w-buildkitd", &read).await;
+    assert_eq!(attempt, Ok(None), "the write from a stale read is refused");
+    assert_eq!(replicas(&client, &ns.name, "w").await, 3);
+    // Read again, the workload already wants replicas and is left alone.
+    let woke = wake::scale_from_zero(&api, "w-buildkitd").await;
+    assert_eq!(woke, Ok(Woke::AlreadyWanted));
+    assert_eq!(replicas(&client, &ns.name, "w").await, 3);
+
+    // From zero, with nothing in between, a wake scales to one.
+    set(0).await;
+    let woke = wake::scale_from_zero(&api, "w-buildkitd").await;
+    assert_eq!(woke, Ok(Woke::ScaledUp));
+    assert_eq!(replicas(&client, &ns.name, "w").await, 1);
     ns.delete().await;
 }

@@ -64,6 +64,7 @@ async fn one(kind: Kind, bytes: usize, tls: &Tls) -> (Duration, Duration) {
             let backend = TcpStream::from_std(gw_backend).unwrap();
             let settings = Settings {
                 idle_timeout: Duration::from_secs(60),
+                ends_at: None,
             };
             let start = thread_cpu();
             match kind {

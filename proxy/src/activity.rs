@@ -113,7 +113,8 @@ impl Activity {
 }
 
 impl PoolActivity {
-    /// Counts an authenticated connection as open until the guard drops.
+    /// Counts an authenticated connection as open, from the moment it is routed (its backend
+    /// may still be being dialled), until the guard drops.
     pub fn open(self: &Arc<Self>) -> OpenGuard {
         self.accepted.fetch_add(1, Relaxed);
         self.open.fetch_add(1, Relaxed);

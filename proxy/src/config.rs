@@ -16,7 +16,21 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:1235";
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:9235";
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_MAX_HANDSHAKES: usize = 1_024;
+/// Handshakes in flight from one source address: far above what one client (even a CI fleet
+/// behind one NAT address) needs, far below the global cap.
+pub const DEFAULT_MAX_HANDSHAKES_PER_SOURCE: usize = 64;
+/// Connections held for a wake from one source address, all pools together.
+pub const DEFAULT_MAX_HELD_PER_SOURCE: usize = 64;
+/// Per pool, held connections the gateway cannot authenticate (passthrough): anyone can send
+/// a ClientHello, so they get a small budget of their own.
+pub const DEFAULT_MAX_HELD_UNAUTHENTICATED: usize = 16;
+/// Bytes of ClientHellos kept for replay to passthrough backends, all connections together:
+/// about a thousand of the largest (16 KiB) ones, eight thousand typical ones.
+pub const DEFAULT_MAX_CLIENT_HELLO_BYTES: usize = 16 << 20;
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client sends its ClientHello as soon as it connects: one that has not arrived whole by
+/// then is a slow or idle socket holding a handshake slot.
+pub const DEFAULT_CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(3);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// A BuildKit `RUN` step can keep a session silent for a long time.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(2 * 60 * 60);
@@ -40,10 +54,31 @@ pub struct Limits {
     pub max_connections: usize,
     /// TLS handshakes (or ClientHello reads) in flight at once.
     pub max_handshakes: usize,
+    /// Handshakes in flight from one source address.
+    pub max_handshakes_per_source: usize,
+    /// Connections held for a wake from one source address.
+    pub max_held_per_source: usize,
+    /// Per pool, held connections the gateway did not authenticate (passthrough).
+    pub max_held_unauthenticated: usize,
+    /// Bytes of ClientHellos kept for replay to passthrough backends.
+    pub max_client_hello_bytes: usize,
+}
+
+/// The gateway's `[limits]` as written, whichever configuration it comes from.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawGatewayLimits {
+    pub max_connections: Option<i64>,
+    pub max_handshakes: Option<i64>,
+    pub max_handshakes_per_source: Option<i64>,
+    pub max_held_per_source: Option<i64>,
+    pub max_held_unauthenticated: Option<i64>,
+    pub max_client_hello_bytes: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
+    /// From accept to a complete ClientHello (within the handshake timeout).
+    pub client_hello: Duration,
     pub handshake: Duration,
     pub connect: Duration,
     pub idle: Duration,
@@ -142,6 +177,10 @@ impl Default for Limits {
         Self {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            max_handshakes_per_source: DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+            max_held_per_source: DEFAULT_MAX_HELD_PER_SOURCE,
+            max_held_unauthenticated: DEFAULT_MAX_HELD_UNAUTHENTICATED,
+            max_client_hello_bytes: DEFAULT_MAX_CLIENT_HELLO_BYTES,
         }
     }
 }
@@ -149,6 +188,7 @@ impl Default for Limits {
 impl Default for Timeouts {
     fn default() -> Self {
         Self {
+            client_hello: DEFAULT_CLIENT_HELLO_TIMEOUT,
             handshake: DEFAULT_HANDSHAKE_TIMEOUT,
             connect: DEFAULT_CONNECT_TIMEOUT,
             idle: DEFAULT_IDLE_TIMEOUT,
@@ -236,16 +276,51 @@ impl Faults {
     }
 
     /// `[limits]`: global connection and handshake caps.
-    pub fn limits(&mut self, max_connections: Option<i64>, max_handshakes: Option<i64>) -> Limits {
+    pub fn limits(&mut self, raw: &RawGatewayLimits) -> Limits {
         let d = Limits::default();
-        Limits {
+        let limits = Limits {
             max_connections: self
-                .count("limits.max_connections", max_connections)
+                .count("limits.max_connections", raw.max_connections)
                 .unwrap_or(d.max_connections),
             max_handshakes: self
-                .count("limits.max_handshakes", max_handshakes)
+                .count("limits.max_handshakes", raw.max_handshakes)
                 .unwrap_or(d.max_handshakes),
+            max_handshakes_per_source: self
+                .count(
+                    "limits.max_handshakes_per_source",
+                    raw.max_handshakes_per_source,
+                )
+                .unwrap_or(d.max_handshakes_per_source),
+            max_held_per_source: self
+                .count("limits.max_held_per_source", raw.max_held_per_source)
+                .unwrap_or(d.max_held_per_source),
+            max_held_unauthenticated: self
+                .count(
+                    "limits.max_held_unauthenticated",
+                    raw.max_held_unauthenticated,
+                )
+                .unwrap_or(d.max_held_unauthenticated),
+            max_client_hello_bytes: raw
+                .max_client_hello_bytes
+                .and_then(|n| {
+                    value::client_hello_bytes(n)
+                        .map_err(|m| self.add("limits.max_client_hello_bytes", m))
+                        .ok()
+                })
+                .unwrap_or(d.max_client_hello_bytes),
+        };
+        if raw.max_handshakes_per_source.is_some()
+            && limits.max_handshakes_per_source > limits.max_handshakes
+        {
+            self.add(
+                "limits.max_handshakes_per_source",
+                format!(
+                    "{} exceeds max_handshakes {}",
+                    limits.max_handshakes_per_source, limits.max_handshakes
+                ),
+            );
         }
+        limits
     }
 
     /// A duration longer than zero; `default` when not given.
@@ -268,6 +343,11 @@ impl Faults {
     pub fn timeouts(&mut self, raw: &RawTimeouts) -> Timeouts {
         let d = Timeouts::default();
         Timeouts {
+            client_hello: self.duration(
+                "timeouts.client_hello",
+                raw.client_hello.as_deref(),
+                d.client_hello,
+            ),
             handshake: self.duration("timeouts.handshake", raw.handshake.as_deref(), d.handshake),
             connect: self.duration("timeouts.connect", raw.connect.as_deref(), d.connect),
             idle: self.duration("timeouts.idle", raw.idle.as_deref(), d.idle),
@@ -321,12 +401,30 @@ struct RawConfig {
 struct RawLimits {
     max_connections: Option<i64>,
     max_handshakes: Option<i64>,
+    max_handshakes_per_source: Option<i64>,
+    max_held_per_source: Option<i64>,
+    max_held_unauthenticated: Option<i64>,
+    max_client_hello_bytes: Option<i64>,
+}
+
+impl RawLimits {
+    fn gateway(&self) -> RawGatewayLimits {
+        RawGatewayLimits {
+            max_connections: self.max_connections,
+            max_handshakes: self.max_handshakes,
+            max_handshakes_per_source: self.max_handshakes_per_source,
+            max_held_per_source: self.max_held_per_source,
+            max_held_unauthenticated: self.max_held_unauthenticated,
+            max_client_hello_bytes: self.max_client_hello_bytes,
+        }
+    }
 }
 
 /// `[timeouts]` as written: shared by every bkpool configuration with a gateway in it.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RawTimeouts {
+    pub client_hello: Option<String>,
     pub handshake: Option<String>,
     pub connect: Option<String>,
     pub idle: Option<String>,
@@ -394,7 +492,7 @@ impl Validator<'_> {
     fn config(&mut self, raw: RawConfig) -> GatewayConfig {
         let f = &mut self.faults;
         let (listen, admin) = f.listeners(raw.listen.as_deref(), raw.admin.as_deref());
-        let limits = f.limits(raw.limits.max_connections, raw.limits.max_handshakes);
+        let limits = f.limits(&raw.limits.gateway());
         let timeouts = f.timeouts(&raw.timeouts);
         let server_certs = raw
             .server_cert
@@ -529,7 +627,24 @@ impl Validator<'_> {
     fn cross_checks(&mut self, config: &GatewayConfig) {
         let mut ids = HashSet::new();
         let mut names: HashMap<&str, usize> = HashMap::new();
+        let mut cas: HashMap<PathBuf, usize> = HashMap::new();
         for (i, pool) in config.pools.iter().enumerate() {
+            // One file for two pools' client CAs: whoever holds that CA can sign for both.
+            // (Two copies of one CA are found when the files are read: Credentials.)
+            if let Some(ca) = &pool.client_ca {
+                let same = std::fs::canonicalize(ca).unwrap_or_else(|_| ca.clone());
+                let j = *cas.entry(same).or_insert(i);
+                if j != i {
+                    self.faults.add(
+                        format!("pool[{i}].client_ca"),
+                        format!(
+                            "{} is also pool[{j}]'s client CA: a CA shared by two pools signs \
+                             certificates for both, so each pool needs its own",
+                            ca.display()
+                        ),
+                    );
+                }
+            }
             if !ids.insert(&pool.id) {
                 self.faults.add(
                     format!("pool[{i}].name"),
@@ -580,6 +695,15 @@ pub mod value {
         match usize::try_from(n) {
             Ok(n) if (1..=1_000_000).contains(&n) => Ok(n),
             _ => Err(format!("{n} is out of range (1 to 1000000)")),
+        }
+    }
+
+    /// The memory for buffered ClientHellos: room for at least one of the largest.
+    pub fn client_hello_bytes(n: i64) -> Result<usize, String> {
+        let least = crate::clienthello::MAX_CLIENT_HELLO;
+        match usize::try_from(n) {
+            Ok(n) if (least..=1 << 30).contains(&n) => Ok(n),
+            _ => Err(format!("{n} is out of range ({least} to {})", 1 << 30)),
         }
     }
 
@@ -669,8 +793,13 @@ mod tests {
             listen = "nowhere"
             [limits]
             max_connections = 0
+            max_handshakes = 10
+            max_handshakes_per_source = 20
+            max_held_unauthenticated = 0
+            max_client_hello_bytes = 1024
             [timeouts]
             idle = "forever"
+            client_hello = "0s"
             [[pool]]
             name = "Bad_Name"
             backends = ["localhost:80"]
@@ -687,7 +816,11 @@ mod tests {
         for expected in [
             "listen",
             "limits.max_connections",
+            "limits.max_handshakes_per_source",
+            "limits.max_held_unauthenticated",
+            "limits.max_client_hello_bytes",
             "timeouts.idle",
+            "timeouts.client_hello",
             "pool[0].name",
             "pool[0].client_ca",
             "pool[0].backends[0]",
@@ -728,6 +861,32 @@ mod tests {
             e.contains("defined twice") && e.contains("already routed"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn two_pools_may_not_share_a_client_ca_file() {
+        let text = r#"
+            [[server_cert]]
+            cert = "s"
+            key = "k"
+            [[pool]]
+            name = "a"
+            client_ca = "pools/ca.pem"
+            [[pool]]
+            name = "b"
+            namespace = "ci"
+            client_ca = "pools/../pools/ca.pem"
+            [[pool]]
+            name = "c"
+            client_ca = "pools/c.pem"
+        "#;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("pools")).unwrap();
+        std::fs::write(dir.path().join("pools/ca.pem"), "").unwrap();
+        let e = GatewayConfig::parse(text, dir.path()).unwrap_err();
+        assert_eq!(e.0.len(), 1, "{e}");
+        assert_eq!(e.0[0].path, "pool[1].client_ca");
+        assert!(e.0[0].message.contains("also pool[0]'s client CA"), "{e}");
     }
 
     #[test]

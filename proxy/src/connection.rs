@@ -10,7 +10,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -22,26 +22,30 @@ use crate::gateway::Gateway;
 use crate::handshake::{self, Accepted};
 use crate::names::ClientIdentity;
 use crate::relay::{self, Direction, Outcome, Tally};
-use crate::route::PoolRoute;
+use crate::route::{Caller, PoolRoute};
 
 /// Serves one accepted connection. `_slot` is its place under the global limit.
 pub async fn handle(gateway: &Arc<Gateway>, tcp: TcpStream, peer: SocketAddr, _slot: Permit) {
     if let Err(e) = relay::tune(&tcp) {
         tracing::debug!(error = %e, "socket options not set");
     }
-    let Ok(handshake_permit) = gateway.admission.handshake() else {
-        gateway
-            .metrics
-            .rejected(None, crate::admit::Refused::HandshakeLimit.reason());
-        return;
+    let handshake_permit = match gateway.admission.handshake(peer.ip()) {
+        Ok(permit) => permit,
+        Err(refused) => return gateway.metrics.rejected(None, refused.reason()),
     };
     let routes = gateway.routes.load_full();
     let started = Instant::now();
+    let limits = &gateway.settings;
     let accepted = tokio::time::timeout(
-        gateway.settings.handshake_timeout,
+        limits.handshake_timeout,
         // Boxed: the handshake's state is large and short-lived; inline it would stay in
         // every connection task's allocation for the connection's whole life.
-        Box::pin(handshake::accept(tcp, &routes, gateway.tls.load_full())),
+        Box::pin(handshake::accept(
+            tcp,
+            &routes,
+            gateway.tls.load_full(),
+            limits.client_hello_timeout,
+        )),
     )
     .await;
     drop(handshake_permit);
@@ -59,7 +63,11 @@ pub async fn handle(gateway: &Arc<Gateway>, tcp: TcpStream, peer: SocketAddr, _s
     gateway.metrics.handshake(started.elapsed());
 
     match accepted {
-        Accepted::Terminated { stream, peer: who } => {
+        Accepted::Terminated {
+            stream,
+            peer: who,
+            expires,
+        } => {
             let Some(route) = routes
                 .pool(&who.pool)
                 .filter(|r| r.mode == Mode::Terminate)
@@ -76,7 +84,12 @@ pub async fn handle(gateway: &Arc<Gateway>, tcp: TcpStream, peer: SocketAddr, _s
                 Some(&who.identity),
                 peer,
                 |backend| async move {
-                    let settings = settings(&pool);
+                    // A connection never outlives the certificate that opened it: its
+                    // lifetime is the only revocation there is.
+                    let settings = relay::Settings {
+                        ends_at: ends_at(expires),
+                        ..settings(&pool)
+                    };
                     let Some(tls) = &pool.backend_tls else {
                         return Ok(Box::pin(relay::copy(
                             stream,
@@ -103,7 +116,22 @@ pub async fn handle(gateway: &Arc<Gateway>, tcp: TcpStream, peer: SocketAddr, _s
             )
             .await
         }
-        Accepted::Passthrough { tcp, route, hello } => {
+        Accepted::Passthrough {
+            tcp,
+            route,
+            mut hello,
+        } => {
+            // Kept until it is replayed, perhaps for a whole wake: its real size counts
+            // against the gateway's memory for buffered ClientHellos.
+            hello.shrink_to_fit();
+            let buffered = match gateway.admission.buffer_client_hello(hello.capacity()) {
+                Ok(permit) => permit,
+                Err(refused) => {
+                    gateway.activity.pool(&route.id).rejected();
+                    let pool = Some(route.id.as_str());
+                    return gateway.metrics.rejected(pool, refused.reason());
+                }
+            };
             let pool = route.clone();
             serve(gateway, &route, None, peer, |mut backend| async move {
                 if let Err(e) = backend.tcp.write_all(&hello).await {
@@ -112,7 +140,7 @@ pub async fn handle(gateway: &Arc<Gateway>, tcp: TcpStream, peer: SocketAddr, _s
                 }
                 // The replayed ClientHello is the first of the client's bytes.
                 backend.tally.moved(Direction::Inbound, relay::Path::Copy, hello.len() as u64);
-                drop(hello);
+                drop((hello, buffered));
                 Ok(Box::pin(relay::splice(tcp, backend.tcp, &settings(&pool), &backend.tally)).await)
             })
             .await
@@ -155,13 +183,23 @@ async fn serve<'g, F, Fut>(
         Ok(permit) => permit,
         Err(refused) => return refuse(refused.reason()),
     };
-    let candidates = match route.upstream.candidates(&activity).await {
+    let caller = Caller::new(
+        peer.ip(),
+        identity.is_some(),
+        pool.clone(),
+        gateway.admission.clone(),
+    );
+    let candidates = match route.upstream.candidates(&activity, &caller).await {
         Ok(candidates) => candidates,
         Err(e) => {
             tracing::info!(%pool, %peer, error = %e, "no backend for connection");
             return refuse(e.reason());
         }
     };
+    // Open from the moment it is routed, not once its backend answers: a dial may take the
+    // connect timeout for each candidate, longer than a drain's settle time, and a connection
+    // neither held nor open would let the scaler take the pool down under it.
+    let _open = activity.open();
     let Connected {
         tcp,
         addr,
@@ -173,11 +211,15 @@ async fn serve<'g, F, Fut>(
             return refuse(e.reason());
         }
     };
-    let _open = activity.open();
     let opened = Instant::now();
     tracing::debug!(%pool, %peer, identity = identity.map(ClientIdentity::as_str), backend = %addr, "relaying");
     let tally = gateway.activity.tally(activity.clone());
     match relay_with(Backend { tcp, addr, tally }).await {
+        Ok(outcome) if matches!(outcome.end, relay::End::Expired) => {
+            let identity = identity.map(ClientIdentity::as_str);
+            tracing::info!(%pool, %peer, identity, ?outcome, "connection closed: its client certificate expired");
+            gateway.metrics.expired(pool.as_str());
+        }
         Ok(outcome) => tracing::debug!(%pool, %peer, ?outcome, "connection closed"),
         Err(reason) => gateway.metrics.rejected(Some(pool.as_str()), reason),
     }
@@ -187,5 +229,17 @@ async fn serve<'g, F, Fut>(
 fn settings(route: &PoolRoute) -> relay::Settings {
     relay::Settings {
         idle_timeout: route.idle_timeout,
+        ends_at: None,
     }
+}
+
+/// The instant `expires` (wall clock) comes, on the relay's monotonic clock: converted once,
+/// so a wall-clock step after the handshake neither cuts nor spares the connection. Only the
+/// leaf's notAfter counts: bkpool issues no certificate that outlives its CA, and a CA's end,
+/// like its rotation, leaves open connections alone (the README's security section).
+fn ends_at(expires: SystemTime) -> Option<tokio::time::Instant> {
+    let left = expires
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
+    tokio::time::Instant::now().checked_add(left)
 }

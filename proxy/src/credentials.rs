@@ -81,7 +81,26 @@ impl Credentials {
 
     /// The terminate-mode configuration from the current good material; `None` when nothing
     /// terminates TLS (passthrough only).
+    ///
+    /// Two pools whose bundles share a CA are refused (at start, by `--check`, and on a reload,
+    /// which then keeps the configuration it has): a standalone gateway's CA files are written
+    /// by hand, where copying one pool's CA to another is an easy mistake that undoes their
+    /// isolation. (The Kubernetes gateway needs no such check: the operator makes every pool's
+    /// CAs itself, and the CA of pool A in pool B's bundle gives no one a certificate for A.)
     pub fn server_config(&self) -> Result<Option<Arc<ServerConfig>>, TlsError> {
+        let bundles: Vec<&[CertificateDer<'static>]> =
+            self.pools.iter().map(|(_, t)| t.good.as_slice()).collect();
+        if let Some((subject, first, second)) = tls::shared_ca(&bundles) {
+            let (pool, tracked) = &self.pools[second];
+            let (other, other_tracked) = &self.pools[first];
+            return Err(TlsError::SharedCa {
+                subject,
+                pool: pool.clone(),
+                path: tracked.files[0].clone(),
+                other: other.clone(),
+                other_path: other_tracked.files[0].clone(),
+            });
+        }
         // No pool terminates TLS without a client CA: then every connection is passthrough
         // or refused, and an unknown SNI must not start a handshake nobody can finish.
         if self.server.is_empty() || self.pools.is_empty() {
@@ -226,4 +245,56 @@ fn directory_watch(
         }
     }
     Some(watcher)
+}
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+
+    use super::*;
+
+    /// A self-signed CA named `name` with `key`, as PEM.
+    fn ca(name: &str, key: &KeyPair) -> String {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.self_signed(key).unwrap().pem()
+    }
+
+    #[test]
+    fn two_pools_may_not_trust_one_ca_even_from_two_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let (key_a, key_b) = (KeyPair::generate().unwrap(), KeyPair::generate().unwrap());
+        let (path_a, path_b) = (dir.path().join("a.pem"), dir.path().join("b.pem"));
+        std::fs::write(&path_a, ca("CA a", &key_a)).unwrap();
+        std::fs::write(&path_b, ca("CA b", &key_b)).unwrap();
+        let pools = [
+            ("local/a".parse().unwrap(), path_a.clone()),
+            ("ci/b".parse().unwrap(), path_b.clone()),
+        ];
+        let mut credentials = Credentials::load(&[], &pools).unwrap();
+        assert!(credentials.server_config().is_ok(), "distinct CAs");
+
+        // b's bundle gains a CA with a's key (another name, another certificate): refused.
+        std::fs::write(
+            &path_b,
+            format!("{}{}", ca("CA b", &key_b), ca("CA a, reissued", &key_a)),
+        )
+        .unwrap();
+        assert!(credentials.refresh(|_, r| assert!(r.is_ok())));
+        let err = credentials.server_config().unwrap_err();
+        assert!(matches!(err, TlsError::SharedCa { .. }), "{err}");
+        let text = err.to_string();
+        for part in ["ci/b", "local/a", "a.pem", "b.pem", "CN=CA a, reissued"] {
+            assert!(text.contains(part), "{part} not in: {text}");
+        }
+        // And at load, as when the gateway starts or checks its configuration.
+        let err = Credentials::load(&[], &pools)
+            .unwrap()
+            .server_config()
+            .unwrap_err();
+        assert!(matches!(err, TlsError::SharedCa { .. }), "{err}");
+    }
 }

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::activity::Activity;
-use crate::admit::Admission;
+use crate::admit::{Admission, HoldLimits};
 use crate::connection;
 use crate::metrics::Metrics;
 use crate::route::Routes;
@@ -25,6 +25,11 @@ use crate::route::Routes;
 pub struct Settings {
     pub max_connections: usize,
     pub max_handshakes: usize,
+    pub max_handshakes_per_source: usize,
+    pub hold_limits: HoldLimits,
+    pub max_client_hello_bytes: usize,
+    /// From accept to a complete ClientHello; the handshake timeout bounds the rest.
+    pub client_hello_timeout: Duration,
     pub handshake_timeout: Duration,
     pub drain_timeout: Duration,
 }
@@ -53,6 +58,9 @@ impl Gateway {
         registry: &mut Registry,
     ) -> Arc<Self> {
         let admission = Admission::new(settings.max_connections, settings.max_handshakes);
+        admission.set_max_handshakes_per_source(settings.max_handshakes_per_source);
+        admission.set_hold_limits(settings.hold_limits);
+        admission.set_max_client_hello_bytes(settings.max_client_hello_bytes);
         let activity = Arc::new(Activity::default());
         let metrics = Metrics::register(registry, activity.clone(), admission.clone());
         Arc::new(Self {

@@ -25,6 +25,12 @@ pub struct Metrics {
     handshake_seconds: Histogram,
     connection_seconds: Histogram,
     reloads: Family<ResultLabels, Counter>,
+    expired: Family<PoolLabels, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolLabels {
+    pool: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -55,6 +61,7 @@ impl Metrics {
             handshake_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 16)),
             connection_seconds: Histogram::new(exponential_buckets(0.001, 4.0, 14)),
             reloads: Family::default(),
+            expired: Family::default(),
         };
         gw.register(
             "connections_rejected",
@@ -72,6 +79,11 @@ impl Metrics {
             "Lifetime of authenticated connections",
             Unit::Seconds,
             metrics.connection_seconds.clone(),
+        );
+        gw.register(
+            "connections_expired",
+            "Authenticated connections closed when their client certificate expired, by pool",
+            metrics.expired.clone(),
         );
         gw.register(
             "credential_reloads",
@@ -99,6 +111,11 @@ impl Metrics {
 
     pub fn connection_closed(&self, lasted: Duration) {
         self.connection_seconds.observe(lasted.as_secs_f64());
+    }
+
+    pub fn expired(&self, pool: &str) {
+        let labels = PoolLabels { pool: pool.into() };
+        self.expired.get_or_create(&labels).inc();
     }
 
     pub fn reload(&self, kind: &'static str, ok: bool) {
@@ -233,6 +250,11 @@ impl Collector for ActivityCollector {
                 "client_connections",
                 "Client connections open, authenticated or not",
                 self.admission.connections().used(),
+            ),
+            (
+                "client_hello_bytes",
+                "Bytes of ClientHellos kept for replay to passthrough backends",
+                self.admission.client_hello_bytes(),
             ),
             (
                 "connections_limit",

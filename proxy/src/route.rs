@@ -8,12 +8,14 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crate::activity::PoolActivity;
+use crate::activity::{HeldGuard, PoolActivity};
+use crate::admit::{Admission, HoldPermit, Refused};
 use crate::config::{GatewayConfig, Mode, PoolConfig};
 use crate::names::{BackendAddr, PoolId};
 
@@ -59,6 +61,8 @@ pub enum RouteError {
     WakeFailed(String),
     #[error("too many connections are waiting for the pool to wake")]
     HoldLimit,
+    #[error("{0}")]
+    HoldRefused(Refused),
     #[error("the gateway is shutting down")]
     ShuttingDown,
 }
@@ -70,6 +74,7 @@ impl RouteError {
             Self::WakeTimeout(_) => "wake_timeout",
             Self::WakeFailed(_) => "wake_failed",
             Self::HoldLimit => "hold_limit",
+            Self::HoldRefused(refused) => refused.reason(),
             Self::ShuttingDown => "shutting_down",
         }
     }
@@ -112,12 +117,61 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Where a pool's backends come from.
 pub trait Upstream: Send + Sync + 'static {
-    /// Backends to try for one authenticated connection, least loaded first. May wait — a
-    /// sleeping pool is woken and the connection held — while `activity` counts it as held.
+    /// Backends to try for one routed connection, least loaded first. May wait — a sleeping
+    /// pool is woken and the connection held, through [`Caller::hold`] — while `activity`
+    /// counts it as held.
     fn candidates<'a>(
         &'a self,
         activity: &'a Arc<PoolActivity>,
+        caller: &'a Caller,
     ) -> BoxFuture<'a, Result<Vec<Candidate>, RouteError>>;
+}
+
+/// Who asks for a backend: where from, and whether the gateway authenticated them
+/// (terminate mode) or cannot (passthrough: the backend authenticates, inside TLS). An
+/// upstream that holds the connection while its pool wakes asks [`Caller::hold`] first.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub source: IpAddr,
+    pub authenticated: bool,
+    pool: PoolId,
+    admission: Arc<Admission>,
+}
+
+/// A held connection: counted in the pool's activity and under the gateway's hold limits
+/// until dropped.
+#[derive(Debug)]
+pub struct Held {
+    _limits: HoldPermit,
+    _activity: HeldGuard,
+}
+
+impl Caller {
+    pub fn new(
+        source: IpAddr,
+        authenticated: bool,
+        pool: PoolId,
+        admission: Arc<Admission>,
+    ) -> Self {
+        Self {
+            source,
+            authenticated,
+            pool,
+            admission,
+        }
+    }
+
+    /// Holds the connection while its pool wakes, if the gateway's hold limits allow.
+    pub fn hold(&self, activity: &Arc<PoolActivity>) -> Result<Held, RouteError> {
+        let limits = self
+            .admission
+            .hold(&self.pool, self.source, self.authenticated)
+            .map_err(RouteError::HoldRefused)?;
+        Ok(Held {
+            _limits: limits,
+            _activity: activity.hold(),
+        })
+    }
 }
 
 /// A fixed list of backends (the standalone gateway).
@@ -141,6 +195,7 @@ impl Upstream for StaticUpstream {
     fn candidates<'a>(
         &'a self,
         _: &'a Arc<PoolActivity>,
+        _: &'a Caller,
     ) -> BoxFuture<'a, Result<Vec<Candidate>, RouteError>> {
         let mut list = self.backends.clone();
         // Stable sort: equal loads keep configuration order, so the first backend is preferred.

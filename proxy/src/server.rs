@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::admit::HoldLimits;
 use crate::config::{GatewayConfig, Mode, PoolConfig};
 use crate::credentials::{self, Credentials};
 use crate::gateway::{self, Gateway, Settings};
@@ -95,6 +96,13 @@ pub async fn start(config: &GatewayConfig, options: Options) -> Result<Running, 
     let settings = Settings {
         max_connections,
         max_handshakes: config.limits.max_handshakes,
+        max_handshakes_per_source: config.limits.max_handshakes_per_source,
+        hold_limits: HoldLimits {
+            per_source: config.limits.max_held_per_source,
+            unauthenticated_per_pool: config.limits.max_held_unauthenticated,
+        },
+        max_client_hello_bytes: config.limits.max_client_hello_bytes,
+        client_hello_timeout: config.timeouts.client_hello,
         handshake_timeout: config.timeouts.handshake,
         drain_timeout: config.timeouts.drain,
     };

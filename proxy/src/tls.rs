@@ -54,6 +54,18 @@ pub enum TlsError {
     },
     #[error("no server certificate configured")]
     NoServerCert,
+    #[error(
+        "{path}: CA {subject} of pool {pool} is also in pool {other}'s client CA bundle \
+         ({other_path}): a CA shared by two pools signs certificates for both, so each pool \
+         needs its own"
+    )]
+    SharedCa {
+        subject: String,
+        pool: PoolId,
+        path: PathBuf,
+        other: PoolId,
+        other_path: PathBuf,
+    },
     #[error("building the TLS configuration: {0}")]
     Build(String),
 }
@@ -123,19 +135,28 @@ pub fn server_cert_from_pem(
     })
 }
 
-/// Loads a CA bundle: at least one certificate, each a CA and valid now.
+/// Loads a CA bundle: every certificate a CA, the ones valid now (at least one).
 pub fn load_ca_bundle(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     ca_bundle_from_pem(&read(path)?, path)
 }
 
 /// [`load_ca_bundle`] for PEM already in memory; `path` names its origin in errors.
+///
+/// A bundle that rotates carries the CA being replaced until it expires, and whoever prunes
+/// it may be late (the operator requeues at the expiry, but may be down): an expired CA is
+/// left out, not a reason to refuse the bundle and with it the pool. A CA not valid yet stays
+/// (a successor published ahead; the bundle may not be read again when it becomes valid).
+/// Only a bundle with no CA valid now is refused.
 pub fn ca_bundle_from_pem(
     pem: &[u8],
     path: &Path,
 ) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = certs_from_pem(pem, path)?;
-    for der in &certs {
-        let cert = parse(path, der)?;
+    let mut kept = Vec::with_capacity(certs.len());
+    let mut fault = None;
+    let mut valid_now = false;
+    for der in certs {
+        let cert = parse(path, &der)?;
         if !cert.is_ca() {
             let what = format!("{} is not a CA certificate", cert.subject());
             return Err(TlsError::Invalid {
@@ -143,9 +164,21 @@ pub fn ca_bundle_from_pem(
                 what,
             });
         }
-        check_validity(path, &cert)?;
+        match check_validity(path, &cert) {
+            Ok(()) => valid_now = true,
+            Err(e) if cert.validity().not_after.timestamp() < unix_now() => {
+                tracing::debug!(path = %path.display(), subject = %cert.subject(), "expired CA left out of the bundle");
+                fault = Some(e);
+                continue;
+            }
+            Err(e) => fault = Some(e),
+        }
+        kept.push(der);
     }
-    Ok(certs)
+    match (valid_now, fault) {
+        (false, Some(fault)) => Err(fault),
+        _ => Ok(kept),
+    }
 }
 
 /// Builds the terminate-mode server configuration from server certificates (the first is the
@@ -163,12 +196,40 @@ pub fn server_config(
     config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
     // Our preference, not the client's: AES-128-GCM with SHA-256 first (see server_provider).
     config.ignore_client_order = true;
-    // BuildKit's Go clients (grpc-go, buildx) keep no TLS session cache, so tickets would
-    // cost two encryptions and a cache insert per handshake for nothing.
+    // No session is ever resumed. A resumed session skips client certificate verification
+    // and restores the certificate of the session it resumes: its validity window and the
+    // pool's CA at that time. A certificate's short lifetime is the only revocation bkpool
+    // has, so every handshake must verify the certificate against the pool's current CAs.
+    // Nothing of value is lost: BuildKit's Go clients (grpc-go, buildx) keep no TLS session
+    // cache, so neither TLS 1.3 tickets nor TLS 1.2 session IDs would ever be used.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
-    // Each gateway is a fresh hop: tickets would only save the client's handshake to us, and
-    // stateless tickets would need key rotation across replicas. The stateful cache stays on.
+    // (The default ticketer issues no stateless tickets either; a test checks all three.)
     Ok(Arc::new(config))
+}
+
+/// The first CA found in two of `bundles`: its subject and the two bundles' indexes.
+///
+/// CAs are compared by public key, not by certificate: a CA re-issued with the same key (a
+/// new validity, another name) is the same signer. Pools are isolated by their CAs alone, so
+/// whoever holds a CA shared by pools A and B can sign a certificate naming either.
+pub fn shared_ca(bundles: &[&[CertificateDer<'_>]]) -> Option<(String, usize, usize)> {
+    let mut seen: HashMap<Vec<u8>, usize> = HashMap::new();
+    for (i, bundle) in bundles.iter().enumerate() {
+        for der in bundle.iter() {
+            let Ok((_, cert)) = X509Certificate::from_der(der) else {
+                continue; // refused when the bundle was loaded
+            };
+            let key = cert.public_key().raw.to_vec();
+            match seen.get(&key) {
+                Some(&first) if first != i => return Some((cert.subject().to_string(), first, i)),
+                _ => {
+                    seen.insert(key, i);
+                }
+            }
+        }
+    }
+    None
 }
 
 /// The client-certificate verifier terminate mode uses: each certificate is checked against
@@ -459,10 +520,14 @@ fn parse<'a>(path: &Path, der: &'a CertificateDer<'_>) -> Result<X509Certificate
         })
 }
 
-fn check_validity(path: &Path, cert: &X509Certificate<'_>) -> Result<(), TlsError> {
-    let now = SystemTime::now()
+fn unix_now() -> i64 {
+    SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn check_validity(path: &Path, cert: &X509Certificate<'_>) -> Result<(), TlsError> {
+    let now = unix_now();
     let v = cert.validity();
     if now < v.not_before.timestamp() || now > v.not_after.timestamp() {
         return Err(TlsError::Validity {
@@ -539,4 +604,95 @@ pub fn backend_client_config_from_pem(
         .map_err(|e| TlsError::Build(e.to_string()))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+
+    use super::*;
+
+    /// A self-signed CA valid from `from` until `until` (relative to now), as PEM, and its
+    /// issuer.
+    fn ca(name: &str, from: i64, until: i64) -> (String, Issuer<'static, KeyPair>) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        let now = SystemTime::now();
+        let at = |secs: i64| match secs {
+            s if s < 0 => now - Duration::from_secs(s.unsigned_abs()),
+            s => now + Duration::from_secs(s as u64),
+        };
+        params.not_before = at(from).into();
+        params.not_after = at(until).into();
+        let pem = params.self_signed(&key).unwrap().pem();
+        (pem, Issuer::new(params, key))
+    }
+
+    fn server_cert(issuer: &Issuer<'static, KeyPair>) -> ServerCert {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .signed_by(&key, issuer)
+            .unwrap();
+        let path = Path::new("server");
+        server_cert_from_pem(
+            cert.pem().as_bytes(),
+            path,
+            key.serialize_pem().as_bytes(),
+            path,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_bundle_leaves_out_expired_cas_and_is_refused_only_without_a_valid_one() {
+        let (expired, _) = ca("predecessor", -7200, -3600);
+        let (current, _) = ca("current", -60, 3600);
+        let (successor, _) = ca("successor", 600, 7200);
+        let path = Path::new("ca.crt");
+        let bundle = format!("{current}{expired}{successor}");
+        let cas = ca_bundle_from_pem(bundle.as_bytes(), path).unwrap();
+        let names: Vec<String> = cas
+            .iter()
+            .map(|der| {
+                X509Certificate::from_der(der)
+                    .unwrap()
+                    .1
+                    .subject()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(
+            names,
+            ["CN=current", "CN=successor"],
+            "the expired CA is left out"
+        );
+        for alone in [expired, successor] {
+            let err = ca_bundle_from_pem(alone.as_bytes(), path).unwrap_err();
+            assert!(matches!(err, TlsError::Validity { .. }), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_terminate_configuration_never_resumes_a_session() {
+        let (_, issuer) = ca("server CA", -60, 3600);
+        let (client_ca, _) = ca("client CA", -60, 3600);
+        let cas = HashMap::from([(
+            "a".parse().unwrap(),
+            ca_bundle_from_pem(client_ca.as_bytes(), Path::new("ca")).unwrap(),
+        )]);
+        let config = server_config(&[server_cert(&issuer)], &cas).unwrap();
+        assert!(
+            !config.session_storage.can_cache(),
+            "TLS 1.2 session IDs and TLS 1.3 stateful tickets"
+        );
+        assert!(!config.ticketer.enabled(), "stateless tickets");
+        assert_eq!(config.send_tls13_tickets, 0);
+    }
 }

@@ -11,6 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 async fn idle_connections_hold_no_buffers_or_pipes() {
     let settings = Settings {
         idle_timeout: Duration::from_secs(60),
+        ends_at: None,
     };
 
     // Splice: a destination that does not read keeps the relay's pipe full and lent out.

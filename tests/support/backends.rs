@@ -110,3 +110,32 @@ pub async fn dead_addr() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     listener.local_addr().unwrap()
 }
+
+/// A listener that never accepts, its queue already full: a connection to it hangs in its
+/// handshake (the kernel drops the SYN) until the dialler gives up.
+pub struct Unanswered {
+    pub addr: SocketAddr,
+    _listener: socket2::Socket,
+    _queued: Vec<std::net::TcpStream>,
+}
+
+pub fn unanswered() -> Unanswered {
+    use socket2::{Domain, Socket, Type};
+    let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    listener
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    listener.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap().as_socket().unwrap();
+    // Fill the accept queue; connections past it are the ones left hanging.
+    let queued = (0..2)
+        .filter_map(|_| {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)).ok()
+        })
+        .collect();
+    Unanswered {
+        addr,
+        _listener: listener,
+        _queued: queued,
+    }
+}

@@ -39,6 +39,7 @@ pub fn local(ports: &str, body: &str) -> Local {
         .arg(dir.path().join("local.toml"))
         .arg("--state-dir")
         .arg(dir.path().join("state"))
+        .env("XDG_RUNTIME_DIR", dir.path())
         .env("BKPOOL_LOG", "info");
     let super::Listening {
         child,
@@ -76,6 +77,7 @@ impl Local {
         out
     }
 
+    /// `bkpool cert issue` with `args`, this instance's state directory and configuration.
     pub fn cert_issue(&self, args: &[&str], out: &Path) -> std::process::Output {
         Command::new(env!("CARGO_BIN_EXE_bkpool"))
             .args(["cert", "issue"])
@@ -86,6 +88,7 @@ impl Local {
             .arg(self.state_dir())
             .arg("--config")
             .arg(self.config_path())
+            .env("XDG_RUNTIME_DIR", self.dir.path())
             .output()
             .unwrap()
     }

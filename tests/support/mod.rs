@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 pub mod backends;
+pub mod buildkit;
+pub mod k8s;
 pub mod local;
 pub mod metrics;
 

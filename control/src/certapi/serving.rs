@@ -144,12 +144,11 @@ impl Serving {
     async fn ca(&self) -> Result<CaSecret, ServingError> {
         let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
         let now = SystemTime::now();
-        let purpose = "bkpool certificate API CA";
         let listed = api
             .list(&ListParams::default().fields(&format!("metadata.name={CA_SECRET}")))
             .await?;
         let Some(existing) = listed.items.into_iter().next() else {
-            let (created, _) = plan_ca(None, purpose, LIFETIMES, now)?;
+            let (created, _) = plan_ca(None, LIFETIMES, now)?;
             let secret = Secret {
                 metadata: meta(CA_SECRET),
                 type_: Some("Opaque".into()),
@@ -167,7 +166,7 @@ impl Serving {
             };
         };
         let parsed = CaSecret::parse(&existing)?;
-        let (planned, change) = plan_ca(Some(&parsed), purpose, LIFETIMES, now)?;
+        let (planned, change) = plan_ca(Some(&parsed), LIFETIMES, now)?;
         let pruned = planned.previous.len() != parsed.previous.len();
         if change == CaChange::Kept && !pruned {
             return Ok(parsed);

@@ -17,7 +17,7 @@ pub mod yaml;
 
 pub use spec::*;
 pub use status::{BuildKitPoolStatus, Phase};
-pub use validate::{Fault, validate};
+pub use validate::{Fault, validate, validate_pool};
 
 /// The API group of every bkpool resource.
 pub const GROUP: &str = "bkpool.dev";

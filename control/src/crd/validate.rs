@@ -4,6 +4,7 @@
 
 use std::fmt;
 
+use super::BuildKitPool;
 use super::duration;
 use super::spec::{AuthMode, BuildKitPoolSpec, WorkloadKind};
 
@@ -30,6 +31,36 @@ pub fn validate(spec: &BuildKitPoolSpec) -> Vec<Fault> {
     tls(spec, &mut faults);
     auth(spec, &mut faults);
     faults.0
+}
+
+/// Every fault of `pool`: its spec's, and those that depend on the namespace it lives in.
+pub fn validate_pool(pool: &BuildKitPool) -> Vec<Fault> {
+    let mut faults = Faults(validate(&pool.spec));
+    let namespace = pool.metadata.namespace.as_deref().unwrap_or_default();
+    for (i, host) in pool.spec.gateway.hosts.iter().enumerate() {
+        // A cluster Service name belongs to the namespace it names: a pool elsewhere that
+        // claimed it would receive (passthrough) or answer for (terminate) another
+        // namespace's connections.
+        if let Some(owner) = service_namespace(host)
+            && owner != namespace
+        {
+            let message = format!(
+                "{host:?} is a Service name of namespace {owner:?}; a pool may only use the names of its own namespace ({namespace:?})"
+            );
+            faults.push(&format!("gateway.hosts[{i}]"), message);
+        }
+    }
+    faults.0
+}
+
+/// The namespace a cluster DNS name belongs to: `<service>.<namespace>.svc` and
+/// `<service>.<namespace>.svc.cluster.local`, and any name below those (a StatefulSet pod's).
+pub fn service_namespace(host: &str) -> Option<&str> {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    let base = host
+        .strip_suffix(".svc.cluster.local")
+        .or_else(|| host.strip_suffix(".svc"))?;
+    base.rsplit('.').next()
 }
 
 /// Joins faults for a condition message or an Event.
@@ -133,11 +164,16 @@ fn scaling(spec: &BuildKitPoolSpec, faults: &mut Faults) {
 
 fn gateway(spec: &BuildKitPoolSpec, faults: &mut Faults) {
     for (i, host) in spec.gateway.hosts.iter().enumerate() {
+        let path = format!("gateway.hosts[{i}]");
         if !is_dns_name(host) {
-            faults.push(
-                &format!("gateway.hosts[{i}]"),
-                format!("{host:?} is not a DNS name"),
+            faults.push(&path, format!("{host:?} is not a DNS name"));
+        } else if !host.contains('.') {
+            // A bare name means a different Service in every namespace: the gateway could
+            // never tell whose connection it is.
+            let message = format!(
+                "{host:?} is a single label, ambiguous across namespaces; use a qualified name"
             );
+            faults.push(&path, message);
         }
     }
     let g = &spec.gateway;
@@ -304,6 +340,41 @@ mod tests {
         assert_eq!(paths(&spec), ["spec.tls.clientCertMaxTTL"], "a day at most");
         spec.tls.client_cert_max_ttl = "5s".into();
         assert!(paths(&spec).is_empty(), "short is fine");
+    }
+
+    #[test]
+    fn host_names_under_svc_belong_to_their_namespace() {
+        let pool = |ns: &str, hosts: &[&str]| {
+            let mut spec = BuildKitPoolSpec::default();
+            spec.gateway.hosts = hosts.iter().map(|h| h.to_string()).collect();
+            let mut pool = BuildKitPool::new("a", spec);
+            pool.metadata.namespace = Some(ns.into());
+            pool
+        };
+        let own = pool(
+            "ci",
+            &["a.ci.svc", "b.ci.svc.cluster.local", "builds.example.com"],
+        );
+        assert_eq!(validate_pool(&own), vec![]);
+        let takeover = pool(
+            "evil",
+            &[
+                "x.example.com",
+                "ci.default.svc",
+                "0.ci.default.svc.cluster.local",
+            ],
+        );
+        let faults = validate_pool(&takeover);
+        let paths: Vec<&str> = faults.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(paths, ["spec.gateway.hosts[1]", "spec.gateway.hosts[2]"]);
+        assert!(
+            faults[0].message.contains("namespace \"default\""),
+            "{faults:?}"
+        );
+        let bare = pool("ci", &["builder"]);
+        assert!(validate_pool(&bare)[0].message.contains("single label"));
+        assert_eq!(service_namespace("a.b.svc."), Some("b"));
+        assert_eq!(service_namespace("svc.example.com"), None);
     }
 
     #[test]

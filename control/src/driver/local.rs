@@ -45,7 +45,8 @@ pub struct Replica {
     pub pool: PoolId,
     /// Where it was told to listen (it answers there once ready).
     pub addr: SocketAddr,
-    /// Its pid, which is also its process group id.
+    /// Its pid, which is also its process group id. With its own namespaces, the pid of the
+    /// replica's shim, which passes signals on and exits as the replica does.
     pub pid: u32,
     /// Its stdout and stderr.
     pub log: PathBuf,
@@ -184,9 +185,19 @@ impl LocalDriver {
         let grace = exited.grace;
         signal_group(replica, Signal::TERM)?;
         let gone = tokio::time::timeout(grace, exited.wait()).await.is_ok();
-        // Also after a clean exit: the group may hold stragglers the leader left behind.
-        // The pid cannot have been reused yet: the exit was collected an instant ago.
-        signal_group(replica, Signal::KILL)?;
+        if !gone {
+            // Its whole namespace (or group) goes; with a namespace, the exit is reaped only
+            // once nothing of it is left.
+            let kill = self.inner.spawner.kill(replica.pid);
+            kill.map_err(|source| DriverError::Signal {
+                replica: replica.clone(),
+                source,
+            })?;
+        } else if !self.inner.spawner.isolated() {
+            // The group may hold stragglers the leader left behind. The pid cannot have been
+            // reused yet: the exit was collected an instant ago.
+            signal_group(replica, Signal::KILL)?;
+        }
         if !gone {
             let (pool, id) = (&replica.pool, replica.id);
             tracing::warn!(%pool, replica = %id, ?grace, "replica outlived its grace, killed");
@@ -210,6 +221,12 @@ impl LocalDriver {
             }
         }
         first_error.map_or(Ok(()), Err)
+    }
+
+    /// Whether each replica runs in its own PID and mount namespace, so that nothing it
+    /// starts outlives it (see `sandbox`); false where that takes privileges bkpool lacks.
+    pub fn isolates_replicas(&self) -> bool {
+        self.inner.spawner.isolated()
     }
 
     /// Whether `replica`'s process is still running.
@@ -474,7 +491,7 @@ mod tests {
         let replica = driver.start(&pool("a"), &spec).await.unwrap();
         let trapped = || std::fs::read_to_string(&replica.log).unwrap_or_default() == "trapped\n";
         eventually("the TERM trap is set", trapped).await;
-        let child_sleep = children_of(replica.pid);
+        let child_sleep = descendants(replica.pid);
 
         let started = Instant::now();
         driver.stop(&replica).await.unwrap();
@@ -485,7 +502,7 @@ mod tests {
         );
         let (_, status, _) = next_exit(&mut events).await;
         assert_eq!(status.unwrap().signal(), Some(9), "SIGKILL");
-        // The whole group went, not only the shell: its `sleep` ignored TERM too.
+        // Everything went, not only the shell: its `sleep` ignored TERM too.
         assert!(!child_sleep.is_empty());
         eventually("the group is gone", || {
             !child_sleep.iter().any(|&p| alive(p))
@@ -622,10 +639,9 @@ mod tests {
         let runtime = tokio::runtime::Runtime::new().unwrap();
         runtime.block_on(async {
             let driver = LocalDriver::new(dir.into(), free_ports(4));
-            let replica = driver
-                .start(&pool("a"), &sh("exec sleep 1000", QUICK))
-                .await
-                .unwrap();
+            // A replica that leaves a detached grandchild behind, as buildkitd leaves runc.
+            let spec = sh("setsid sleep 1000 & exec sleep 1000", QUICK);
+            let replica = driver.start(&pool("a"), &spec).await.unwrap();
             println!("replica-pid={}", replica.pid);
             std::future::pending::<()>().await
         });
@@ -646,10 +662,89 @@ mod tests {
         let pid = tokio::time::timeout(QUICK, replica_pid(stdout)).await;
         let pid = pid.expect("the helper prints its replica's pid");
         assert!(alive(pid), "the replica runs while its bkpool does");
+        let isolated = Spawner::start(tokio::runtime::Handle::current())
+            .unwrap()
+            .isolated();
+        let mut tree = vec![pid];
+        if isolated {
+            eventually("the grandchild started", || descendants(pid).len() >= 3).await;
+            tree.extend(descendants(pid));
+        }
 
         helper.start_kill().unwrap(); // SIGKILL: no destructor, no stop_all
         helper.wait().await.unwrap();
-        eventually("the replica died with its bkpool", || !alive(pid)).await;
+        eventually(
+            "the replica and all it started died with its bkpool",
+            || !tree.iter().any(|&p| alive(p)),
+        )
+        .await;
+        if !isolated {
+            crate::testkit::skip(
+                "replicas get no PID namespace here (not root): grandchildren not checked",
+            );
+        }
+    }
+
+    /// A driver whose replicas get their own namespaces, or a skip.
+    fn isolating_driver() -> Option<(LocalDriver, tempfile::TempDir)> {
+        let (driver, dir, _) = driver();
+        if driver.isolates_replicas() {
+            Some((driver, dir))
+        } else {
+            crate::testkit::skip("replicas get no PID namespace here (it takes root)");
+            None
+        }
+    }
+
+    #[tokio::test]
+    async fn a_crashed_replica_leaves_nothing_it_started_and_reports_its_own_status() {
+        let Some((driver, _dir)) = isolating_driver() else {
+            return;
+        };
+        let mut events = driver.subscribe();
+        let spec = sh("setsid sleep 1000 & exec sleep 1000", QUICK);
+        let replica = driver.start(&pool("a"), &spec).await.unwrap();
+        eventually("the grandchild started", || {
+            descendants(replica.pid).len() >= 3
+        })
+        .await;
+        let tree = descendants(replica.pid);
+        // The shim's child is the namespace's init; the init's child is the replica itself.
+        let init = children_of(replica.pid);
+        let own = children_of(init[0]);
+        assert_eq!(own.len(), 1, "{tree:?}");
+        let pid = Pid::from_raw(own[0] as i32).unwrap();
+        rustix::process::kill_process(pid, Signal::KILL).unwrap();
+
+        let (exited, status, requested) = next_exit(&mut events).await;
+        assert_eq!(exited, replica);
+        assert_eq!(status.unwrap().signal(), Some(9), "the replica's own death");
+        assert!(!requested, "a crash");
+        eventually("nothing the replica started is left", || {
+            !tree.iter().any(|&p| alive(p))
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_stop_reaches_the_replica_once_through_its_init() {
+        let Some((driver, dir)) = isolating_driver() else {
+            return;
+        };
+        let mut events = driver.subscribe();
+        let seen = dir.path().join("signals");
+        let script = format!(
+            "trap 'echo TERM >> {}; exit 0' TERM; echo ready; while :; do sleep 0.05; done",
+            seen.display()
+        );
+        let replica = driver.start(&pool("a"), &sh(&script, QUICK)).await.unwrap();
+        let ready = || std::fs::read_to_string(&replica.log).unwrap_or_default() == "ready\n";
+        eventually("the trap is set", ready).await;
+        driver.stop(&replica).await.unwrap();
+        let (_, status, requested) = next_exit(&mut events).await;
+        assert_eq!(status.unwrap().code(), Some(0), "exited by its own trap");
+        assert!(requested);
+        assert_eq!(std::fs::read_to_string(&seen).unwrap(), "TERM\n");
     }
 
     /// The pid the helper prints (libtest may put its own text before it on the line).
@@ -708,6 +803,18 @@ mod tests {
         driver.stop(&replica).await.unwrap();
         let error = probe().await.unwrap_err();
         assert_eq!(error.reason(), "refused", "{error}");
+    }
+
+    /// Every process below `pid`, children first.
+    fn descendants(pid: u32) -> Vec<u32> {
+        let mut found = children_of(pid);
+        let mut i = 0;
+        while i < found.len() {
+            let below = children_of(found[i]);
+            found.extend(below);
+            i += 1;
+        }
+        found
     }
 
     /// The pids whose parent is `pid`.

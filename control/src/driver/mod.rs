@@ -4,9 +4,12 @@
 //! - [`local`]: replicas as local processes (`bkpool local`).
 //! - `slots`: the slots and ports replicas hold, freed by a reaper when they exit.
 //! - `spawn`: the one place processes are forked, so that none outlives bkpool.
+//! - `sandbox`: a PID and mount namespace per replica under a tiny init, so that nothing a
+//!   replica starts outlives it.
 
 pub mod local;
+mod sandbox;
 mod slots;
-mod spawn;
+pub(crate) mod spawn;
 
 pub use local::{DriverError, DriverEvent, LocalDriver, ProcessSpec, Replica, ReplicaId};

@@ -1,10 +1,16 @@
-//! How replica processes are forked so that none outlives bkpool, even after `kill -9`.
+//! How replica processes are forked so that none outlives bkpool, even after `kill -9`, and
+//! nothing a replica starts outlives the replica.
 //!
-//! The kernel's parent-death signal (`PR_SET_PDEATHSIG`) must be set in the child between
-//! fork and exec, which takes `CommandExt::pre_exec`, an `unsafe` API: hence
-//! `allow(unsafe_code)` here and nowhere else in the driver. The signal fires when the
-//! *thread* that forked exits, and tokio's blocking threads exit when idle, so every fork
-//! happens on one long-lived spawner thread fed by a channel.
+//! Where the machine allows it (root), each replica runs in its own PID and mount namespace
+//! under a tiny init ([`super::sandbox`]). Elsewhere it runs as a plain child in its own
+//! process group, which covers the replica but not what it leaves behind if it crashes; that
+//! is said once, in a warning, when the spawner starts.
+//!
+//! Either way the kernel's parent-death signal (`PR_SET_PDEATHSIG`) is set in the child
+//! between fork and exec, which takes `CommandExt::pre_exec`, an `unsafe` API: hence
+//! `allow(unsafe_code)` here and in `sandbox`, and nowhere else in the driver. The signal
+//! fires when the *thread* that forked exits, and tokio's blocking threads exit when idle, so
+//! every fork happens on one long-lived spawner thread fed by a channel.
 
 #![allow(unsafe_code)]
 
@@ -21,6 +27,7 @@ use tokio::sync::oneshot;
 /// (by the parent-death signal) every process it started.
 pub(crate) struct Spawner {
     jobs: mpsc::Sender<Job>,
+    isolated: bool,
 }
 
 struct Job {
@@ -31,6 +38,7 @@ struct Job {
 impl Spawner {
     /// Starts the spawner thread. Children are registered with `runtime`, which reaps them.
     pub(crate) fn start(runtime: tokio::runtime::Handle) -> io::Result<Self> {
+        let isolated = isolation();
         let (jobs, queue) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("bkpool-spawner".into())
@@ -39,12 +47,35 @@ impl Spawner {
                 for job in queue {
                     // Nobody waits for it any more (start() was cancelled): a process nobody
                     // tracks would hold its port until bkpool exits, so end it now.
-                    if let Err(Ok(mut unwanted)) = job.reply.send(spawn(job.command)) {
+                    let spawned = spawn(job.command, isolated);
+                    if let Err(Ok(mut unwanted)) = job.reply.send(spawned) {
                         let _ = unwanted.start_kill();
                     }
                 }
             })?;
-        Ok(Spawner { jobs })
+        Ok(Spawner { jobs, isolated })
+    }
+
+    /// Whether processes get their own PID and mount namespaces.
+    pub(crate) fn isolated(&self) -> bool {
+        self.isolated
+    }
+
+    /// Kills process `pid` started here and everything it started: its whole namespace
+    /// (reaping `pid` then means all of it is gone), or else its process group. One that is
+    /// gone already is fine.
+    pub(crate) fn kill(&self, pid: u32) -> io::Result<()> {
+        let killed = if self.isolated {
+            super::sandbox::kill(pid)
+        } else {
+            let pgid = i32::try_from(pid).ok().and_then(Pid::from_raw);
+            let pgid = pgid.ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))?;
+            rustix::process::kill_process_group(pgid, Signal::KILL).map_err(io::Error::from)
+        };
+        match killed {
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+            other => other,
+        }
     }
 
     /// Starts `command` in its own process group, bound to die with bkpool.
@@ -56,16 +87,37 @@ impl Spawner {
     }
 }
 
+/// Whether the sandbox works here, found once per process (and said once).
+fn isolation() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        let available = super::sandbox::available();
+        if !available {
+            tracing::warn!(
+                "replicas run without their own PID namespace (it takes root): a replica that \
+                 crashes can leave the processes it started behind"
+            );
+        }
+        available
+    })
+}
+
 /// Runs on the spawner thread: the forking thread, whose exit the children watch.
-fn spawn(mut command: Command) -> io::Result<tokio::process::Child> {
+fn spawn(mut command: Command, isolated: bool) -> io::Result<tokio::process::Child> {
     let parent = rustix::process::getpid();
     // Its own group, so stop() can signal the replica and everything it started at once.
     command.process_group(0);
     // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe
-    // operations are allowed. It makes two raw system calls (prctl, getppid) through rustix,
-    // allocates nothing, takes no lock and touches no state shared with the parent.
+    // operations are allowed. `die_with` makes two raw system calls (prctl, getppid) through
+    // rustix; `sandbox::enter` is written for exactly this place (see its safety section).
+    // Neither allocates, takes a lock or touches state shared with the parent.
     unsafe {
-        command.pre_exec(move || die_with(parent));
+        if isolated {
+            let parent = parent.as_raw_nonzero().get();
+            command.pre_exec(move || super::sandbox::enter(parent));
+        } else {
+            command.pre_exec(move || die_with(parent));
+        }
     }
     tokio::process::Command::from(command).spawn()
 }

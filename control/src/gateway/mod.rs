@@ -7,12 +7,14 @@
 //!
 //! - [`table`]: pools and Secrets → routes and certificates (Secrets parsed once per version).
 //! - [`pods`]: which pods serve.
+//! - [`starting`]: probes of pods not yet Ready while their pool wakes.
 //! - [`upstream`]: per pool: route, hold, wake single-flight, drain.
 //! - [`wake`]: `/scale` from zero, or a Job pool's wake Job.
 //! - [`metrics`]: `bkpool_gateway_*` metrics of this side.
 
 pub mod metrics;
 pub mod pods;
+pub mod starting;
 pub mod table;
 pub mod upstream;
 pub mod wake;
@@ -28,7 +30,7 @@ use kube::runtime::watcher;
 use kube::{Api, Client};
 use proxy::gateway::Gateway;
 use proxy::names::PoolId;
-use proxy::route::{PoolRoute, Routes};
+use proxy::route::{BackendTlsClient, PoolRoute, Routes};
 use proxy::tls;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -102,6 +104,8 @@ pub async fn run(
                 settings,
                 metrics,
                 states: HashMap::new(),
+                backend_tls: HashMap::new(),
+                starting: starting::Starting::new(pods_changed.clone()),
                 parsed: ParsedSecrets::default(),
                 tls_versions: None,
                 unroutable: BTreeMap::new(),
@@ -128,6 +132,10 @@ pub async fn run(
     }
 }
 
+/// What one pool adds to the TLS configuration: its id, its server Secret's version and the
+/// names its certificate answers for (they change when a contested host name changes hands).
+type TlsInput = (PoolId, Option<String>, Vec<String>);
+
 /// The state carried from one change to the next.
 struct Feed {
     client: Client,
@@ -135,9 +143,13 @@ struct Feed {
     settings: Settings,
     metrics: Metrics,
     states: HashMap<PoolId, Arc<PoolState>>,
+    /// Each pool's leg to buildkitd, for probing its starting pods.
+    backend_tls: HashMap<PoolId, BackendTlsClient>,
+    starting: starting::Starting,
     parsed: ParsedSecrets,
-    /// Pools and server Secret versions the current TLS configuration was built from.
-    tls_versions: Option<Vec<(PoolId, Option<String>)>>,
+    /// Pools, server Secret versions and the names each certificate answers for, as the
+    /// current TLS configuration was built from them.
+    tls_versions: Option<Vec<TlsInput>>,
     /// Why each unroutable pool is, to log changes only.
     unroutable: BTreeMap<String, String>,
 }
@@ -165,11 +177,13 @@ impl Feed {
         self.metrics
             .pools(plan.entries.len(), self.unroutable.len());
 
-        let versions: Vec<(PoolId, Option<String>)> = plan
+        let versions: Vec<TlsInput> = plan
             .entries
             .iter()
-            .filter(|e| e.server.is_some())
-            .map(|e| (e.id.clone(), e.server_version.clone()))
+            .filter_map(|e| {
+                let names = e.server.as_ref()?.cert.names.clone();
+                Some((e.id.clone(), e.server_version.clone(), names))
+            })
             .collect();
         if self.tls_versions.as_ref() != Some(&versions) {
             self.tls(&plan.entries);
@@ -197,6 +211,11 @@ impl Feed {
             self.metrics.forget(gone);
         }
         self.states = states;
+        self.backend_tls = plan
+            .entries
+            .iter()
+            .filter_map(|e| Some((e.id.clone(), e.backend_tls.clone()?)))
+            .collect();
         self.gateway.set_routes(Routes::new(routes));
         for entry in &plan.entries {
             let mark = entry.pool.status.as_ref().and_then(|s| s.draining_mark());
@@ -258,11 +277,28 @@ impl Feed {
         }
     }
 
-    /// Gives every pool its ready pods.
-    fn backends(&self, pods: &Store<Pod>) {
-        let ready = pods::ready_by_pool(&pods.state());
+    /// Gives every pool its ready pods; a pool with none, its starting pods that answered the
+    /// gateway's own probe.
+    fn backends(&mut self, pods: &Store<Pod>) {
+        let pods = pods.state();
+        let ready = pods::ready_by_pool(&pods);
+        let starting = pods::starting_by_pool(&pods)
+            .into_iter()
+            .filter(|(pool, _)| !ready.contains_key(pool))
+            .filter_map(|(pool, pods)| {
+                let id = self.states.keys().find(|id| id.as_str() == pool)?;
+                let tls = self.backend_tls.get(id)?;
+                let pods = pods.into_iter().map(|p| (p, tls.clone())).collect();
+                Some((pool, pods))
+            })
+            .collect();
+        let answered = self.starting.update(starting);
         for (id, state) in &self.states {
-            let addrs = ready.get(id.as_str()).cloned().unwrap_or_default();
+            let addrs = ready
+                .get(id.as_str())
+                .or_else(|| answered.get(id.as_str()))
+                .cloned()
+                .unwrap_or_default();
             self.metrics.ready_backends(id, addrs.len());
             if state.set_ready(addrs.clone()) {
                 tracing::info!(pool = %id, ready = ?addrs, "ready backends changed");

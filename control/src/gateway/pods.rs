@@ -1,5 +1,7 @@
 //! Which buildkitd pods may take connections. Pods are watched directly: readiness arrives
-//! sooner than through Endpoints. A pod serves when it is Ready, not terminating, and has an IP.
+//! sooner than through Endpoints. A pod serves when it is Ready, not terminating, and has an IP;
+//! one that is Running with an IP but not yet Ready is [`starting`]: the gateway may probe it
+//! itself ([`super::starting`]).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -28,6 +30,36 @@ pub fn serves(pod: &Pod) -> bool {
         .flatten()
         .any(|c| c.type_ == "Ready" && c.status == "True");
     running && ready && status.pod_ip.is_some()
+}
+
+/// Whether `pod` is up but not (yet) Ready: Running, not terminating, with an IP.
+pub fn starting(pod: &Pod) -> bool {
+    if pod.metadata.deletion_timestamp.is_some() || serves(pod) {
+        return false;
+    }
+    pod.status
+        .as_ref()
+        .is_some_and(|s| s.phase.as_deref() == Some("Running") && s.pod_ip.is_some())
+}
+
+/// Starting pods of every pool, by `namespace/name`.
+pub fn starting_by_pool(pods: &[Arc<Pod>]) -> HashMap<String, Vec<super::starting::Pod>> {
+    let mut by_pool: HashMap<String, Vec<_>> = HashMap::new();
+    for pod in pods.iter().filter(|p| starting(p)) {
+        let (Some(pool), Some(ns), Some(addr), Some(uid)) = (
+            pod.labels().get(POOL_LABEL),
+            pod.namespace(),
+            address(pod),
+            pod.uid(),
+        ) else {
+            continue;
+        };
+        by_pool
+            .entry(format!("{ns}/{pool}"))
+            .or_default()
+            .push(super::starting::Pod { uid, addr });
+    }
+    by_pool
 }
 
 /// buildkitd's address in `pod`, if it has a usable IP.
@@ -89,6 +121,32 @@ mod tests {
         let mut done = ready.clone();
         done.status.as_mut().unwrap().phase = Some("Succeeded".into());
         assert!(!serves(&done));
+    }
+
+    #[test]
+    fn running_pods_with_an_ip_that_are_not_ready_are_starting() {
+        let mut up = pod("ci", "a", Some("10.0.0.5"), false);
+        up.metadata.uid = Some("u1".into());
+        assert!(starting(&up));
+        assert!(
+            !starting(&pod("ci", "a", Some("10.0.0.5"), true)),
+            "Ready serves"
+        );
+        assert!(!starting(&pod("ci", "a", None, false)), "no IP yet");
+        let mut pending = up.clone();
+        pending.status.as_mut().unwrap().phase = Some("Pending".into());
+        assert!(!starting(&pending));
+        let mut leaving = up.clone();
+        leaving.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::now()));
+        assert!(!starting(&leaving));
+        let by_pool = starting_by_pool(&[Arc::new(up)]);
+        assert_eq!(
+            by_pool["ci/a"],
+            [crate::gateway::starting::Pod {
+                uid: "u1".into(),
+                addr: "10.0.0.5:1234".parse().unwrap()
+            }]
+        );
     }
 
     #[test]

@@ -17,7 +17,8 @@ use proxy::tls::{self, ServerCert};
 use rustls::pki_types::{CertificateDer, ServerName};
 
 use super::upstream::Policy;
-use crate::crd::{BuildKitPool, GatewayMode, duration, validate};
+use crate::crd::{BuildKitPool, GatewayMode, duration, validate_pool};
+use crate::operator::hosts::{self, Claims};
 use crate::operator::objects::PoolNames;
 
 /// A pool the gateway can route.
@@ -81,17 +82,18 @@ pub fn plan(
     secret: impl Fn(&str, &str) -> Option<Arc<Secret>>,
     parsed: &mut ParsedSecrets,
 ) -> Plan {
+    // Who may be reached by which name: the rule the status reconciler reports by.
+    let claims = hosts::claims(pools);
     let mut pools: Vec<&Arc<BuildKitPool>> = pools
         .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
         .collect();
-    // Older pools win a contested host name; the order is stable across rebuilds.
+    // A stable order across rebuilds.
     pools.sort_by_key(|p| {
         let created = p.metadata.creation_timestamp.clone().map(|t| t.0);
         (created, p.namespace(), p.name_any())
     });
     let mut plan = Plan::default();
-    let mut taken: HashSet<String> = HashSet::new();
     let mut used_secrets = HashSet::new();
     for pool in pools {
         let label = format!(
@@ -99,7 +101,7 @@ pub fn plan(
             pool.namespace().unwrap_or_default(),
             pool.name_any()
         );
-        match entry(pool, &secret, parsed, &mut taken, &mut used_secrets) {
+        match entry(pool, &secret, parsed, &claims, &mut used_secrets) {
             Ok(entry) => plan.entries.push(entry),
             Err(why) => plan.unroutable.push((label, why)),
         }
@@ -112,12 +114,12 @@ fn entry(
     pool: &Arc<BuildKitPool>,
     secret: &impl Fn(&str, &str) -> Option<Arc<Secret>>,
     parsed: &mut ParsedSecrets,
-    taken: &mut HashSet<String>,
+    claims: &Claims,
     used_secrets: &mut HashSet<String>,
 ) -> Result<Entry, String> {
     let names = PoolNames::of(pool);
     let id = PoolId::new(&names.namespace, &names.pool).map_err(|e| e.to_string())?;
-    let faults = validate(&pool.spec);
+    let faults = validate_pool(pool);
     if !faults.is_empty() {
         return Err(format!(
             "invalid spec: {}",
@@ -146,10 +148,7 @@ fn entry(
     match spec.gateway.mode {
         GatewayMode::Passthrough => {
             entry.mode = Mode::Passthrough;
-            entry.hostnames = passthrough_names(pool, &names, taken);
-            if entry.hostnames.is_empty() {
-                return Err("every host name is routed to an older pool".into());
-            }
+            entry.hostnames = passthrough_names(pool, &names, &entry.id, claims);
         }
         GatewayMode::Terminate => {
             let server_name = names.gateway_tls();
@@ -160,7 +159,14 @@ fn entry(
                 .ok_or_else(|| format!("Secret {server_name} does not exist yet"))?;
             let backend = secret(&names.namespace, &backend_name)
                 .ok_or_else(|| format!("Secret {backend_name} does not exist yet"))?;
-            entry.server = Some(parsed.server_material(&server)?);
+            let mut material = parsed.server_material(&server)?;
+            // The certificate answers only for the names that route to this pool: another
+            // pool's name must not select this pool's certificate.
+            material
+                .cert
+                .names
+                .retain(|name| claims.routes_to(name, &entry.id));
+            entry.server = Some(material);
             entry.server_version = server.resource_version();
             let buildkitd = format!("{}.{}.svc", names.buildkitd(), names.namespace);
             entry.backend_tls = Some(parsed.backend_material(&backend, &buildkitd)?);
@@ -170,12 +176,13 @@ fn entry(
 }
 
 /// SNI names of a passthrough pool: its Service names qualified by namespace (a bare pool
-/// name is ambiguous across namespaces) and `spec.gateway.hosts`, minus names an older pool
-/// already has.
+/// name is ambiguous across namespaces) and the `spec.gateway.hosts` it holds. A refused
+/// name is reported in the pool's `HostsAccepted` condition by the status reconciler.
 fn passthrough_names(
     pool: &BuildKitPool,
     names: &PoolNames,
-    taken: &mut HashSet<String>,
+    id: &PoolId,
+    claims: &Claims,
 ) -> Vec<String> {
     let qualified = names.client_dns_names().into_iter().skip(1);
     let hosts = pool.spec.gateway.hosts.iter().cloned();
@@ -184,10 +191,8 @@ fn passthrough_names(
         let Some(name) = normalize_hostname(&name) else {
             continue;
         };
-        if taken.insert(name.clone()) {
+        if claims.routes_to(&name, id) && !out.contains(&name) {
             out.push(name);
-        } else if !out.contains(&name) {
-            tracing::warn!(pool = %format!("{}/{}", names.namespace, names.pool), host = %name, "host name already routed to an older pool; ignored");
         }
     }
     out
@@ -326,12 +331,22 @@ mod tests {
 
     /// The two Secrets the operator writes for the gateway of `ns/name`.
     fn gateway_secrets(ns: &str, name: &str, version: &str) -> Vec<Arc<Secret>> {
+        gateway_secrets_for(ns, name, version, &[])
+    }
+
+    /// As [`gateway_secrets`], with `hosts` on the server certificate too.
+    fn gateway_secrets_for(
+        ns: &str,
+        name: &str,
+        version: &str,
+        hosts: &[&str],
+    ) -> Vec<Arc<Secret>> {
         let day = Duration::from_secs(86_400);
         let client = Ca::generate("client", day).unwrap();
         let backend = Ca::generate("backend", day).unwrap();
-        let server = client
-            .issue_server(&[format!("{name}.{ns}.svc")], day)
-            .unwrap();
+        let mut names = vec![format!("{name}.{ns}.svc")];
+        names.extend(hosts.iter().map(|h| h.to_string()));
+        let server = client.issue_server(&names, day).unwrap();
         let leg = backend.issue_client_named("gateway", day).unwrap();
         vec![
             secret(
@@ -460,5 +475,72 @@ mod tests {
             "{:?}",
             plan.unroutable
         );
+    }
+
+    #[test]
+    fn another_namespace_cannot_take_a_pools_names() {
+        let squat =
+            json!({"gateway": {"mode": "passthrough", "hosts": ["a.ci", "build.example.com"]}});
+        let takeover = json!({"gateway": {"mode": "passthrough", "hosts": ["a.ci.svc"]}});
+        let pools = [
+            // Older than the pools whose names they want.
+            pool("evil", "squat", squat, 1),
+            pool("evil", "takeover", takeover, 1),
+            pool(
+                "ci",
+                "a",
+                json!({"gateway": {"hosts": ["build.example.com"]}}),
+                2,
+            ),
+        ];
+        let secrets = gateway_secrets_for("ci", "a", "1", &["build.example.com"]);
+        let plan = plan(&pools, lookup(&secrets), &mut ParsedSecrets::default());
+        let entry = |id: &str| plan.entries.iter().find(|e| e.id.as_str() == id);
+        assert_eq!(
+            entry("evil/squat").unwrap().hostnames,
+            [
+                "squat.evil",
+                "squat.evil.svc",
+                "squat.evil.svc.cluster.local",
+                "build.example.com"
+            ],
+            "ci/a's Service name is not routed to another namespace's pool"
+        );
+        // A name under `.svc` of another namespace makes the pool invalid: not routed at all.
+        assert!(entry("evil/takeover").is_none());
+        assert!(
+            plan.unroutable
+                .iter()
+                .any(|(p, why)| p == "evil/takeover" && why.contains("namespace \"ci\"")),
+            "{:?}",
+            plan.unroutable
+        );
+        // The terminate pool's certificate answers for its own names, not for the host the
+        // older pool holds.
+        let names = &entry("ci/a").unwrap().server.as_ref().unwrap().cert.names;
+        assert_eq!(names, &["a.ci.svc"]);
+    }
+
+    #[test]
+    fn a_bundle_still_carrying_an_expired_predecessor_is_routed() {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.not_before = (std::time::SystemTime::now() - Duration::from_secs(7200)).into();
+        params.not_after = (std::time::SystemTime::now() - Duration::from_secs(60)).into();
+        let predecessor = params.self_signed(&key).unwrap().pem();
+        let mut secrets = gateway_secrets("ci", "a", "1");
+        let mut server = (*secrets[0]).clone();
+        let data = server.data.as_mut().unwrap();
+        let mut bundle = data["ca.crt"].0.clone();
+        bundle.extend_from_slice(predecessor.as_bytes());
+        data.insert("ca.crt".into(), ByteString(bundle));
+        secrets[0] = Arc::new(server);
+        let pools = [pool("ci", "a", json!({}), 1)];
+        let plan = plan(&pools, lookup(&secrets), &mut ParsedSecrets::default());
+        assert_eq!(plan.unroutable, vec![]);
+        let material = plan.entries[0].server.as_ref().unwrap();
+        assert_eq!(material.client_ca.len(), 1, "the expired CA is left out");
     }
 }

@@ -12,9 +12,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use proxy::activity::{HeldGuard, PoolActivity};
+use proxy::activity::PoolActivity;
 use proxy::names::{BackendAddr, PoolId};
-use proxy::route::{BoxFuture, Candidate, RouteError, Upstream};
+use proxy::route::{BoxFuture, Caller, Candidate, Held, RouteError, Upstream};
 use tokio::sync::watch;
 use tokio::time::{Instant, timeout, timeout_at};
 
@@ -135,6 +135,7 @@ impl PoolState {
     async fn route(
         self: &Arc<Self>,
         activity: &Arc<PoolActivity>,
+        caller: &Caller,
     ) -> Result<Vec<Candidate>, RouteError> {
         let policy = *lock(&self.policy);
         let mut changes = self.view.subscribe();
@@ -154,7 +155,7 @@ impl PoolState {
                 view.draining.is_some()
             };
             if hold.is_none() {
-                hold = Some(self.hold(activity, policy.max_held)?);
+                hold = Some(self.hold(activity, caller, policy.max_held)?);
             }
             if !draining {
                 self.ensure_waking();
@@ -174,8 +175,14 @@ impl PoolState {
     fn hold<'a>(
         &'a self,
         activity: &Arc<PoolActivity>,
+        caller: &Caller,
         max: usize,
     ) -> Result<Hold<'a>, RouteError> {
+        // The gateway's hold limits first (per source, and the small budget of connections it
+        // could not authenticate): a refused caller takes no place in the pool's queue.
+        let held = caller.hold(activity).inspect_err(|e| {
+            tracing::info!(pool = %self.id, source = %caller.source, error = %e, "connection not held");
+        })?;
         if self.held.fetch_add(1, Relaxed) >= max {
             self.held.fetch_sub(1, Relaxed);
             tracing::warn!(pool = %self.id, max, "hold queue full; connection refused");
@@ -184,7 +191,7 @@ impl PoolState {
         Ok(Hold {
             held: &self.held,
             since: Instant::now(),
-            _activity: activity.hold(),
+            _held: held,
         })
     }
 
@@ -237,8 +244,9 @@ impl Upstream for PoolUpstream {
     fn candidates<'a>(
         &'a self,
         activity: &'a Arc<PoolActivity>,
+        caller: &'a Caller,
     ) -> BoxFuture<'a, Result<Vec<Candidate>, RouteError>> {
-        Box::pin(self.0.route(activity))
+        Box::pin(self.0.route(activity, caller))
     }
 }
 
@@ -246,7 +254,7 @@ impl Upstream for PoolUpstream {
 struct Hold<'a> {
     held: &'a AtomicUsize,
     since: Instant,
-    _activity: HeldGuard,
+    _held: Held,
 }
 
 impl Drop for Hold<'_> {
@@ -264,6 +272,7 @@ mod tests {
     use std::sync::atomic::AtomicU32;
 
     use prometheus_client::registry::Registry;
+    use proxy::admit::{Admission, HoldLimits};
 
     use super::*;
 
@@ -293,15 +302,44 @@ mod tests {
         SocketAddr::from(([10, 0, 0, n], 1234))
     }
 
+    /// An authenticated caller from one address, under a gateway's default hold limits.
+    fn caller() -> Caller {
+        from(
+            1,
+            true,
+            &gateway(HoldLimits {
+                per_source: 64,
+                unauthenticated_per_pool: 16,
+            }),
+        )
+    }
+
+    fn gateway(limits: HoldLimits) -> Arc<Admission> {
+        let admission = Admission::new(1_000, 100);
+        admission.set_hold_limits(limits);
+        admission
+    }
+
+    /// A caller from 192.0.2.`n` to pool ci/a, authenticated (terminate) or not (passthrough).
+    fn from(n: u8, authenticated: bool, admission: &Arc<Admission>) -> Caller {
+        let source = std::net::IpAddr::from([192, 0, 2, n]);
+        Caller::new(
+            source,
+            authenticated,
+            "ci/a".parse().unwrap(),
+            admission.clone(),
+        )
+    }
+
     #[tokio::test]
     async fn a_ready_pool_serves_at_once_least_loaded_first() {
         let (state, waker) = pool(4, Duration::from_secs(1));
         state.set_ready(vec![addr(2), addr(1)]);
         let activity = Arc::new(PoolActivity::default());
         let upstream = PoolUpstream(state.clone());
-        let first = upstream.candidates(&activity).await.unwrap();
+        let first = upstream.candidates(&activity, &caller()).await.unwrap();
         let _busy = first[0].engage();
-        let second = upstream.candidates(&activity).await.unwrap();
+        let second = upstream.candidates(&activity, &caller()).await.unwrap();
         assert_ne!(first[0].addr, second[0].addr);
         assert_eq!(waker.0.load(Relaxed), 0);
         // Counters survive an update that keeps the pod.
@@ -317,7 +355,9 @@ mod tests {
         let held: Vec<_> = (0..3)
             .map(|_| {
                 let (state, activity) = (state.clone(), activity.clone());
-                tokio::spawn(async move { PoolUpstream(state).candidates(&activity).await })
+                tokio::spawn(
+                    async move { PoolUpstream(state).candidates(&activity, &caller()).await },
+                )
             })
             .collect();
         while activity.held_count() < 3 {
@@ -343,7 +383,7 @@ mod tests {
         let activity = Arc::new(PoolActivity::default());
         let held = tokio::spawn({
             let (state, activity) = (state.clone(), activity.clone());
-            async move { PoolUpstream(state).candidates(&activity).await }
+            async move { PoolUpstream(state).candidates(&activity, &caller()).await }
         });
         while activity.held_count() == 0 {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -362,18 +402,69 @@ mod tests {
         let activity = Arc::new(PoolActivity::default());
         let first = tokio::spawn({
             let (state, activity) = (state.clone(), activity.clone());
-            async move { PoolUpstream(state).candidates(&activity).await }
+            async move { PoolUpstream(state).candidates(&activity, &caller()).await }
         });
         while state.held() == 0 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let second = PoolUpstream(state.clone()).candidates(&activity).await;
+        let second = PoolUpstream(state.clone())
+            .candidates(&activity, &caller())
+            .await;
         assert!(matches!(second, Err(RouteError::HoldLimit)), "{second:?}");
         let first = first.await.unwrap();
         assert!(
             matches!(first, Err(RouteError::WakeTimeout(_))),
             "{first:?}"
         );
+        assert_eq!(state.held(), 0);
+    }
+
+    #[tokio::test]
+    async fn unauthenticated_holds_have_a_small_budget_and_each_source_a_cap() {
+        let (state, waker) = pool(100, Duration::from_secs(5));
+        let activity = Arc::new(PoolActivity::default());
+        let admission = gateway(HoldLimits {
+            per_source: 3,
+            unauthenticated_per_pool: 2,
+        });
+        let hold = |caller: Caller| {
+            let (state, activity) = (state.clone(), activity.clone());
+            tokio::spawn(async move { PoolUpstream(state).candidates(&activity, &caller).await })
+        };
+        // Bare ClientHellos (passthrough) from two sources: two are held, the third refused.
+        let anonymous = [
+            hold(from(1, false, &admission)),
+            hold(from(2, false, &admission)),
+        ];
+        while state.held() < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let refused = PoolUpstream(state.clone())
+            .candidates(&activity, &from(3, false, &admission))
+            .await;
+        assert_eq!(refused.unwrap_err().reason(), "hold_unauthenticated_limit");
+        // Authenticated callers still get the hold queue, up to three per source.
+        let mine = [
+            hold(from(1, true, &admission)),
+            hold(from(1, true, &admission)),
+        ];
+        while state.held() < 4 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let over = PoolUpstream(state.clone())
+            .candidates(&activity, &from(1, true, &admission))
+            .await;
+        assert_eq!(over.unwrap_err().reason(), "hold_source_limit");
+        assert_eq!(
+            (state.held(), activity.held_count()),
+            (4, 4),
+            "refusals hold nothing"
+        );
+        assert_eq!(waker.0.load(Relaxed), 1);
+        state.set_ready(vec![addr(1)]);
+        for held in anonymous.into_iter().chain(mine) {
+            assert_eq!(held.await.unwrap().unwrap()[0].addr.0, addr(1));
+        }
         assert_eq!(state.held(), 0);
     }
 }

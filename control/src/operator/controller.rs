@@ -24,8 +24,8 @@ use super::metrics::Metrics;
 use super::objects::{MANAGED_SELECTOR, POOL_LABEL};
 use super::status::Observed;
 use super::watch::{self, Scope, Watched};
-use super::{buildkitd, netpol, pki, service, status, workload};
-use crate::crd::{BuildKitPool, validate};
+use super::{buildkitd, hosts, netpol, pki, service, status, workload};
+use crate::crd::{BuildKitPool, validate_pool};
 
 /// Pools are reconciled at least this often even when nothing changes (a missed watch event
 /// costs at most this long; an unchanged pool costs no write).
@@ -44,6 +44,15 @@ pub async fn run(
         watcher::Config::default(),
     );
     let pool_stream = pool_events.touched_objects();
+    // A pool's host names decide other pools' `HostsAccepted`: a change reconciles the pools
+    // it may have taken a name from or released one to (a second watch, mapped to those).
+    let peers = pools.clone();
+    let host_changes = watcher(
+        watch::api::<BuildKitPool>(&client, &scope),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .touched_objects();
     let (secrets, secret_stream) = owned::<Secret>(&client, &scope);
     let (config_maps, cm_stream) = owned::<ConfigMap>(&client, &scope);
     let (deployments, deploy_stream) = owned::<Deployment>(&client, &scope);
@@ -91,6 +100,9 @@ pub async fn run(
             pool.zip(ns)
                 .map(|(pool, ns)| ObjectRef::new(&pool).within(&ns))
         })
+        .watches_stream(host_changes, move |changed| {
+            hosts::affected_by(&changed, &peers.state())
+        })
         .graceful_shutdown_on(shutdown)
         .run(
             move |pool, ctx| {
@@ -121,7 +133,7 @@ pub async fn reconcile(pool: Arc<BuildKitPool>, ctx: Arc<Context>) -> Result<Act
     if pool.namespace().is_none() {
         return Err(Error::NoNamespace(pool.name_any()));
     }
-    let faults = validate(&pool.spec);
+    let faults = validate_pool(&pool);
     if !faults.is_empty() {
         let invalid = Some(crate::crd::validate::summary(&faults));
         let observed = Observed {

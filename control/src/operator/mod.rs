@@ -6,6 +6,7 @@
 //!   reconcilers run in.
 //! - [`context`]: what every reconciler gets: client, caches, settings, metrics, events.
 //! - [`objects`]: names, labels and owner references shared by the reconcilers.
+//! - [`hosts`]: which pool each host name routes to, across namespaces (status and gateway).
 //! - [`apply`]: server-side apply with field manager `bkpool`, skipped when nothing changed.
 //! - [`pki`]: per-pool client and backend CAs, the gateway and buildkitd certificates,
 //!   rotation with overlapping trust bundles.
@@ -28,6 +29,7 @@ pub mod buildkitd;
 pub mod context;
 pub mod controller;
 pub mod error;
+pub mod hosts;
 pub mod leader;
 pub mod metrics;
 pub mod netpol;

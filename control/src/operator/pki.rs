@@ -34,7 +34,7 @@ use super::error::Error;
 use super::objects::{GATEWAY_SECRET_LABEL, PoolNames, owned_meta};
 use crate::crd::{BuildKitPool, duration};
 use crate::pki::inspect::CertInfo;
-use crate::pki::{Ca, PkiError, Problem};
+use crate::pki::{Ca, PkiError, Problem, opaque_name};
 
 const RECONCILER: &str = "pki";
 
@@ -104,14 +104,14 @@ pub enum CaChange {
 }
 
 /// Plans one CA: keep it, publish a successor, or promote the successor. Pure but for key
-/// generation.
+/// generation. New CAs get opaque names: a client CA is named to whoever connects to the
+/// gateway (or, in passthrough, to buildkitd), and the name must not say which pool it is.
 pub fn plan_ca(
     existing: Option<&CaSecret>,
-    purpose: &str,
     life: Lifetimes,
     now: SystemTime,
 ) -> Result<(CaSecret, CaChange), PkiError> {
-    let fresh = || Ca::generate(purpose, life.ca);
+    let fresh = || Ca::generate(&opaque_name()?, life.ca);
     let Some(existing) = existing else {
         let ca = CaSecret {
             current: fresh()?,
@@ -185,6 +185,24 @@ pub fn decide(existing: &CaSecret, life: Lifetimes, now: SystemTime) -> CaChange
 }
 
 impl CaSecret {
+    /// How long until this CA Secret needs writing again: its successor is due, the successor
+    /// takes over, or a predecessor expires and leaves the bundle (a second after, so it has).
+    pub fn due(&self, life: Lifetimes, now: SystemTime) -> Duration {
+        let rotation = match &self.next {
+            Some(_) => self.current.not_after() - life.rotate_before,
+            None => self.current.not_after() - life.rotate_before * 2,
+        };
+        let pruned = self
+            .previous
+            .iter()
+            .map(|(_, end)| *end + Duration::from_secs(1));
+        std::iter::once(rotation)
+            .chain(pruned)
+            .map(|at| at.duration_since(now).unwrap_or_default())
+            .min()
+            .unwrap_or_default()
+    }
+
     /// Every CA certificate a peer should trust now: current, successor, predecessors.
     pub fn bundle(&self) -> String {
         let mut bundle = self.current.cert_pem().to_owned();
@@ -296,10 +314,8 @@ pub async fn reconcile(pool: &BuildKitPool, ctx: &Context) -> Result<Duration, E
     let life = Lifetimes::of(pool);
     let now = SystemTime::now();
     let pool_id = format!("{}/{}", names.namespace, names.pool);
-    let client_purpose = format!("bkpool client CA {pool_id}");
-    let backend_purpose = format!("bkpool backend CA {pool_id}");
-    let client = ca(pool, ctx, &names.client_ca(), &client_purpose, life, now).await?;
-    let backend = ca(pool, ctx, &names.backend_ca(), &backend_purpose, life, now).await?;
+    let client = ca(pool, ctx, &names.client_ca(), life, now).await?;
+    let backend = ca(pool, ctx, &names.backend_ca(), life, now).await?;
     let leaves = [
         (names.gateway_tls(), &client, gateway_names(pool), "gateway"),
         (
@@ -319,13 +335,7 @@ pub async fn reconcile(pool: &BuildKitPool, ctx: &Context) -> Result<Duration, E
     for (ca, label) in [(&client, "client-ca"), (&backend, "backend-ca")] {
         ctx.metrics
             .certificate_expiry(&pool_id, label, ca.current.not_after());
-        let successor_due = ca.current.not_after() - life.rotate_before * 2;
-        let due = if ca.next.is_some() {
-            ca.current.not_after() - life.rotate_before
-        } else {
-            successor_due
-        };
-        next_due = next_due.min(due.duration_since(now).unwrap_or_default());
+        next_due = next_due.min(ca.due(life, now));
     }
     for (name, ca, dns, label) in leaves {
         let not_after = leaf(pool, ctx, &name, ca, &dns, label, life, now).await?;
@@ -342,7 +352,6 @@ async fn ca(
     pool: &BuildKitPool,
     ctx: &Context,
     name: &str,
-    purpose: &str,
     life: Lifetimes,
     now: SystemTime,
 ) -> Result<Arc<CaSecret>, Error> {
@@ -372,7 +381,7 @@ async fn ca(
         return Ok(parsed.clone());
     }
     let (planned, change) =
-        plan_ca(parsed.as_deref(), purpose, life, now).map_err(|e| pki_error(&ns, name, e))?;
+        plan_ca(parsed.as_deref(), life, now).map_err(|e| pki_error(&ns, name, e))?;
     // Kept but for predecessors that expired: they leave the bundle, so the Secret is written.
     let pruned = parsed
         .as_ref()
@@ -607,15 +616,15 @@ mod tests {
     #[test]
     fn a_ca_is_kept_then_succeeded_then_replaced_with_overlapping_trust() {
         let now = SystemTime::now();
-        let (first, change) = plan_ca(None, "client", life(), now).unwrap();
+        let (first, change) = plan_ca(None, life(), now).unwrap();
         assert_eq!(change, CaChange::Created);
-        let (kept, change) = plan_ca(Some(&first), "client", life(), now).unwrap();
+        let (kept, change) = plan_ca(Some(&first), life(), now).unwrap();
         assert_eq!(change, CaChange::Kept);
         assert_eq!(kept.current.cert_pem(), first.current.cert_pem());
 
         // 21 days on, 9 remain: under 2 × rotateBefore, so a successor joins the bundle.
         let later = now + 21 * DAY;
-        let (with_next, change) = plan_ca(Some(&first), "client", life(), later).unwrap();
+        let (with_next, change) = plan_ca(Some(&first), life(), later).unwrap();
         assert_eq!(change, CaChange::SuccessorPublished);
         assert_eq!(decide(&first, life(), later), change);
         assert_eq!(decide(&first, life(), now), CaChange::Kept);
@@ -624,22 +633,57 @@ mod tests {
         assert!(with_next.bundle().contains(&next_pem));
 
         // 26 days on, 4 remain: the successor issues and the old CA stays trusted.
-        let (rotated, change) =
-            plan_ca(Some(&with_next), "client", life(), now + 26 * DAY).unwrap();
+        let (rotated, change) = plan_ca(Some(&with_next), life(), now + 26 * DAY).unwrap();
         assert_eq!(change, CaChange::Rotated);
         assert_eq!(decide(&with_next, life(), now + 26 * DAY), change);
         assert_eq!(rotated.current.cert_pem(), next_pem);
         assert!(rotated.bundle().contains(first.current.cert_pem()));
 
         // Once the old CA has expired it leaves the bundle.
-        let (pruned, _) = plan_ca(Some(&rotated), "client", life(), now + 31 * DAY).unwrap();
+        let (pruned, _) = plan_ca(Some(&rotated), life(), now + 31 * DAY).unwrap();
         assert!(!pruned.bundle().contains(first.current.cert_pem()));
     }
 
     #[test]
+    fn a_ca_secret_is_due_again_when_its_predecessor_expires() {
+        let now = SystemTime::now();
+        let (mut ca, _) = plan_ca(None, life(), now).unwrap();
+        // 30-day CA, 5 days' rotateBefore: the successor is due in 20 days.
+        let successor = ca.due(life(), now);
+        assert!(
+            successor > 19 * DAY && successor <= 20 * DAY,
+            "{successor:?}"
+        );
+        ca.previous
+            .push(("predecessor".into(), now + Duration::from_secs(3600)));
+        assert_eq!(ca.due(life(), now), Duration::from_secs(3601));
+        // Already past: due at once.
+        ca.previous.push(("older".into(), now - DAY));
+        assert_eq!(ca.due(life(), now), Duration::ZERO);
+    }
+
+    #[test]
+    fn new_cas_are_named_without_their_pool() {
+        let now = SystemTime::now();
+        let (first, _) = plan_ca(None, life(), now).unwrap();
+        let (second, _) = plan_ca(None, life(), now).unwrap();
+        let subject = |ca: &Ca| {
+            let (_, cert) = x509_parser::parse_x509_certificate(ca.cert_der()).unwrap();
+            cert.subject().to_string()
+        };
+        let name = subject(&first.current);
+        assert!(name.starts_with("CN=bkpool CA "), "{name}");
+        assert!(!name.contains("client") && !name.contains('/'), "{name}");
+        assert_ne!(name, subject(&second.current), "each CA its own name");
+        let (with_next, _) = plan_ca(Some(&first), life(), now + 21 * DAY).unwrap();
+        let next = subject(with_next.next.as_ref().unwrap());
+        assert!(next.starts_with("CN=bkpool CA "), "{next}");
+    }
+
+    #[test]
     fn ca_secrets_round_trip_through_their_data() {
-        let (ca, _) = plan_ca(None, "backend", life(), SystemTime::now()).unwrap();
-        let (ca, _) = plan_ca(Some(&ca), "backend", life(), SystemTime::now() + 21 * DAY).unwrap();
+        let (ca, _) = plan_ca(None, life(), SystemTime::now()).unwrap();
+        let (ca, _) = plan_ca(Some(&ca), life(), SystemTime::now() + 21 * DAY).unwrap();
         let parsed = CaSecret::parse(&secret_of(ca.data(), "1")).unwrap();
         assert_eq!(parsed.current.cert_pem(), ca.current.cert_pem());
         assert_eq!(parsed.next.unwrap().cert_pem(), ca.next.unwrap().cert_pem());
@@ -656,7 +700,7 @@ mod tests {
 
     #[test]
     fn secrets_are_parsed_once_per_resource_version() {
-        let (ca, _) = plan_ca(None, "client", life(), SystemTime::now()).unwrap();
+        let (ca, _) = plan_ca(None, life(), SystemTime::now()).unwrap();
         let cache = ParsedCache::default();
         let first = cache.ca(&secret_of(ca.data(), "7")).unwrap();
         let again = cache.ca(&secret_of(ca.data(), "7")).unwrap();
@@ -669,7 +713,7 @@ mod tests {
     #[test]
     fn leaves_are_reissued_for_expiry_names_and_issuer_only() {
         let now = SystemTime::now();
-        let (ca, _) = plan_ca(None, "client", life(), now).unwrap();
+        let (ca, _) = plan_ca(None, life(), now).unwrap();
         let names = vec!["a.ci.svc".to_owned()];
         let issued = ca.current.issue_server(&names, life().server).unwrap();
         let info = CertInfo::from_pem(&issued.cert_pem, Path::new("x")).unwrap();
@@ -701,7 +745,7 @@ mod tests {
             life(),
             now
         ));
-        let (stranger, _) = plan_ca(None, "client", life(), now).unwrap();
+        let (stranger, _) = plan_ca(None, life(), now).unwrap();
         assert!(leaf_needs_issue(
             Some(&leaf),
             &stranger.current,

@@ -10,11 +10,13 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
 use kube::api::{Api, Patch};
 use kube::runtime::events::EventType;
+use proxy::names::PoolId;
 use serde_json::json;
 
 use super::apply::{covers, params};
 use super::context::{Context, cached};
 use super::error::Error;
+use super::hosts::{self, HOSTS_ACCEPTED};
 use super::objects::{POOL_LABEL, PoolNames};
 use super::service;
 use crate::crd::{BuildKitPool, BuildKitPoolStatus, Phase, WorkloadKind};
@@ -33,6 +35,8 @@ pub struct Observed {
     pub endpoint: Option<String>,
     /// A reconciler's failure this round (the error's text).
     pub error: Option<String>,
+    /// `spec.gateway.hosts` entries that route to another pool, each saying which.
+    pub refused_hosts: Vec<String>,
 }
 
 /// The workload as the caches show it.
@@ -68,8 +72,7 @@ pub fn desired(pool: &BuildKitPool, observed: &Observed, now: Time) -> BuildKitP
     let generation = pool.metadata.generation;
     let phase = phase(observed);
     let w = &observed.workload;
-    let condition = |type_: &str, ok: bool, reason: &str, message: String| {
-        let status = if ok { "True" } else { "False" };
+    let condition_is = |type_: &str, status: &str, reason: &str, message: String| {
         let since = previous
             .condition(type_)
             .filter(|c| c.status == status)
@@ -82,6 +85,10 @@ pub fn desired(pool: &BuildKitPool, observed: &Observed, now: Time) -> BuildKitP
             observed_generation: generation,
             last_transition_time: since,
         }
+    };
+    let condition = |type_: &str, ok: bool, reason: &str, message: String| {
+        let status = if ok { "True" } else { "False" };
+        condition_is(type_, status, reason, message)
     };
     let validated = match &observed.invalid {
         None => condition("Validated", true, "Valid", "spec is valid".into()),
@@ -127,9 +134,24 @@ pub fn desired(pool: &BuildKitPool, observed: &Observed, now: Time) -> BuildKitP
         phase.as_str(),
         ready_message,
     );
+    let hosts = match (&observed.invalid, observed.refused_hosts.as_slice()) {
+        (Some(_), _) => condition_is(
+            HOSTS_ACCEPTED,
+            "Unknown",
+            "InvalidSpec",
+            "host names are checked once the spec is valid".into(),
+        ),
+        (None, []) => condition(
+            HOSTS_ACCEPTED,
+            true,
+            "HostsRouted",
+            "every host name routes to this pool".into(),
+        ),
+        (None, refused) => condition(HOSTS_ACCEPTED, false, "HostConflict", refused.join("; ")),
+    };
     BuildKitPoolStatus {
         phase: Some(phase),
-        conditions: vec![ready, pki, workload, validated],
+        conditions: vec![ready, pki, workload, validated, hosts],
         observed_generation: generation,
         replicas: Some(w.replicas),
         ready_replicas: Some(w.ready),
@@ -225,6 +247,7 @@ pub async fn reconcile(
     if observed.invalid.is_none() {
         observed.workload = observe_workload(pool, ctx);
         observed.endpoint = Some(service::endpoint(pool, &ctx.settings));
+        observed.refused_hosts = refused_hosts(pool, ctx);
     }
     observed.draining = pool
         .status
@@ -265,6 +288,20 @@ pub async fn reconcile(
     Ok(phase)
 }
 
+/// The pool's host names that route to another pool, as the gateway's route table decides.
+fn refused_hosts(pool: &BuildKitPool, ctx: &Context) -> Vec<String> {
+    let names = PoolNames::of(pool);
+    let Ok(id) = PoolId::new(&names.namespace, &names.pool) else {
+        return Vec::new();
+    };
+    let claims = hosts::claims(&ctx.stores.pools.state());
+    claims
+        .refused(&id)
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
 async fn events(
     pool: &BuildKitPool,
     ctx: &Context,
@@ -296,6 +333,17 @@ async fn events(
         && invalid(before) != Some(message.clone())
     {
         ctx.event(pool, EventType::Warning, "InvalidSpec", "Validate", message)
+            .await;
+    }
+    let refused = |s: &BuildKitPoolStatus| {
+        s.condition(HOSTS_ACCEPTED)
+            .filter(|c| c.status == "False")
+            .map(|c| c.message.clone())
+    };
+    if let Some(message) = refused(after)
+        && refused(before) != Some(message.clone())
+    {
+        ctx.event(pool, EventType::Warning, "HostConflict", "Route", message)
             .await;
     }
 }
@@ -392,6 +440,38 @@ mod tests {
         assert!(validated.message.contains("minReplicas"));
         assert_eq!(status.observed_generation, Some(3));
         assert_eq!(status.phase, Some(Phase::Degraded));
+    }
+
+    #[test]
+    fn a_refused_host_name_is_a_condition_naming_its_holder() {
+        let pool = fixtures::pool("a", BuildKitPoolSpec::default());
+        let status = desired(&pool, &running(1, 1), at(1));
+        let hosts = status.condition(HOSTS_ACCEPTED).unwrap();
+        assert_eq!(
+            (hosts.status.as_str(), hosts.reason.as_str()),
+            ("True", "HostsRouted")
+        );
+        let refused = Observed {
+            refused_hosts: vec![
+                "spec.gateway.hosts[0]: build.example.com already routes to pool ci/b".into(),
+            ],
+            ..running(1, 1)
+        };
+        let status = desired(&pool, &refused, at(2));
+        let hosts = status.condition(HOSTS_ACCEPTED).unwrap();
+        assert_eq!(
+            (hosts.status.as_str(), hosts.reason.as_str()),
+            ("False", "HostConflict")
+        );
+        assert!(hosts.message.contains("pool ci/b"), "{}", hosts.message);
+        // The pool still serves by its own names.
+        assert_eq!(status.phase, Some(Phase::Ready));
+        let invalid = Observed {
+            invalid: Some("x".into()),
+            ..Observed::default()
+        };
+        let status = desired(&pool, &invalid, at(3));
+        assert_eq!(status.condition(HOSTS_ACCEPTED).unwrap().status, "Unknown");
     }
 
     #[test]

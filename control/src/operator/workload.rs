@@ -26,7 +26,7 @@ use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, PostParams};
 
 use super::apply::{self, Outcome, kind_of};
-use super::buildkitd::CONFIG_KEY;
+use super::buildkitd::{self, CONFIG_KEY};
 use super::context::{Context, cached};
 use super::error::Error;
 use super::objects::{BUILDKITD_PORT, PoolNames, content_hash, owned_meta, selector};
@@ -275,34 +275,30 @@ pub async fn delete_wake_jobs(client: &kube::Client, pool: &BuildKitPool) -> Res
     Ok(deleted)
 }
 
-/// What the pod template depends on, read from the caches.
-pub fn inputs(pool: &BuildKitPool, ctx: &Context) -> Inputs {
+/// What the pod template depends on: the configuration this pass applied, and the TLS
+/// certificate from the cache. `None` while the certificate's Secret is not in the cache yet
+/// (the PKI reconciler has just created it): a template applied now would carry the hash of
+/// nothing, and a second revision, replacing the first pod, would follow the moment the
+/// Secret arrived. Its arrival reconciles the pool again.
+pub fn inputs(pool: &BuildKitPool, ctx: &Context) -> Option<Inputs> {
     let names = PoolNames::of(pool);
-    let config = cached(
-        &ctx.stores.config_maps,
-        &names.namespace,
-        &names.config_map(),
-    );
-    let config_text = config
-        .and_then(|cm| cm.data.as_ref().and_then(|d| d.get(CONFIG_KEY).cloned()))
-        .unwrap_or_default();
+    let config = buildkitd::desired(pool);
+    let config_text = config.data.as_ref().and_then(|d| d.get(CONFIG_KEY));
     let tls_name = match pool.spec.gateway.mode {
         GatewayMode::Passthrough => names.gateway_tls(),
         GatewayMode::Terminate => names.buildkitd_tls(),
     };
-    let tls = ctx.stores.secret(&names.namespace, &tls_name);
-    let cert = tls.and_then(|s| s.data.as_ref().and_then(|d| d.get("tls.crt").cloned()));
-    Inputs {
-        config_hash: content_hash(&[config_text.as_bytes()]),
-        tls_hash: content_hash(&[&cert.map(|c| c.0).unwrap_or_default()]),
-    }
+    let tls = ctx.stores.secret(&names.namespace, &tls_name)?;
+    let cert = tls.data.as_ref()?.get("tls.crt")?;
+    Some(Inputs {
+        config_hash: content_hash(&[config_text.map_or(&[][..], |t| t.as_bytes())]),
+        tls_hash: content_hash(&[&cert.0]),
+    })
 }
 
 pub async fn reconcile(pool: &BuildKitPool, ctx: &Context) -> Result<(), Error> {
     let names = PoolNames::of(pool);
     let (ns, name) = (names.namespace.as_str(), names.buildkitd());
-    let inputs = inputs(pool, ctx);
-    let min = Some(pool.spec.scaling.min_replicas);
     let kind = pool.spec.workload.kind;
     if kind != WorkloadKind::Deployment && cached(&ctx.stores.deployments, ns, &name).is_some() {
         delete::<Deployment>(ctx, ns, &name).await?;
@@ -310,6 +306,11 @@ pub async fn reconcile(pool: &BuildKitPool, ctx: &Context) -> Result<(), Error> 
     if kind != WorkloadKind::StatefulSet && cached(&ctx.stores.stateful_sets, ns, &name).is_some() {
         delete::<StatefulSet>(ctx, ns, &name).await?;
     }
+    let Some(inputs) = inputs(pool, ctx) else {
+        tracing::debug!(namespace = ns, workload = %name, "TLS Secret not cached yet; the workload waits for it");
+        return Ok(());
+    };
+    let min = Some(pool.spec.scaling.min_replicas);
     match kind {
         WorkloadKind::Deployment => {
             let current = cached(&ctx.stores.deployments, ns, &name);
@@ -406,6 +407,11 @@ fn write_error<K: kube::Resource<DynamicType = ()>>(
 
 fn container(pool: &BuildKitPool, rootless: bool) -> Container {
     let w = &pool.spec.workload;
+    let data_dir = if rootless {
+        "/home/user/.local/share/buildkit"
+    } else {
+        "/var/lib/buildkit"
+    };
     let mut args = vec![
         format!("--addr={SOCKET}"),
         format!("--addr=tcp://0.0.0.0:{BUILDKITD_PORT}"),
@@ -413,16 +419,14 @@ fn container(pool: &BuildKitPool, rootless: bool) -> Container {
         format!("--tlskey={TLS_DIR}/tls.key"),
         format!("--tlscacert={TLS_DIR}/ca.crt"),
         format!("--config={CONFIG_DIR}/{CONFIG_KEY}"),
+        // Named, not left to the image's user and defaults: the cache volume is mounted
+        // here, and a StatefulSet's claim keeps it across sleep.
+        format!("--root={data_dir}"),
     ];
     if rootless {
         args.push("--oci-worker-no-process-sandbox".into());
     }
     args.extend(w.args.iter().cloned());
-    let data_dir = if rootless {
-        "/home/user/.local/share/buildkit"
-    } else {
-        "/var/lib/buildkit"
-    };
     let mount = |name: &str, path: &str, read_only: bool| VolumeMount {
         name: name.into(),
         mount_path: path.into(),
@@ -439,7 +443,9 @@ fn container(pool: &BuildKitPool, rootless: bool) -> Container {
             protocol: Some("TCP".into()),
             ..ContainerPort::default()
         }]),
-        // Ready means buildkitd answers a gRPC call, not merely that the process exists.
+        // Ready means buildkitd answers a gRPC call, not merely that the process exists. For
+        // Endpoints, the pool's status and rollouts: a wake does not wait for it (the gateway
+        // probes a Running pod itself, see gateway::starting), so it may stay slow and cheap.
         readiness_probe: Some(probe(2, 5)),
         liveness_probe: Some(probe(30, 30)),
         resources: w.resources.clone(),
@@ -531,6 +537,17 @@ mod tests {
         let args = c.args.as_ref().unwrap();
         assert!(args.contains(&"--tlscacert=/etc/bkpool/tls/ca.crt".to_owned()));
         assert!(args.contains(&"--oci-worker-no-process-sandbox".to_owned()));
+        let cache = c
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.name == "cache");
+        let root = format!("--root={}", cache.unwrap().mount_path);
+        assert!(
+            args.contains(&root),
+            "state where the cache volume is: {args:?}"
+        );
         let probe = c.readiness_probe.as_ref().unwrap().exec.as_ref().unwrap();
         assert_eq!(
             probe.command.as_ref().unwrap()[3..],

@@ -24,9 +24,20 @@ pub struct Ca {
     info: CertInfo,
 }
 
+/// A CA subject name that says nothing about what the CA is for: `bkpool CA` and 16 random
+/// hex digits. The gateway names every pool's client CA in its CertificateRequest to anyone
+/// who connects (Go clients send a certificate only when its issuer is named), so readable
+/// names would list the pools; clients choose their certificate by issuer match, which an
+/// opaque name serves as well. CAs made with readable names keep them and keep working.
+pub fn opaque_name() -> Result<String, PkiError> {
+    let random = super::issue::random_serial()?;
+    let hex: String = random[..8].iter().map(|b| format!("{b:02x}")).collect();
+    Ok(format!("bkpool CA {hex}"))
+}
+
 impl Ca {
-    /// A new self-signed ECDSA P-256 CA named `common_name` (say what it is for, e.g.
-    /// `bkpool client CA local/default`), valid for `valid_for` from five minutes ago.
+    /// A new self-signed ECDSA P-256 CA named `common_name`, valid for `valid_for` from five
+    /// minutes ago. A CA whose name is shown to clients gets an [`opaque_name`].
     pub fn generate(common_name: &str, valid_for: Duration) -> Result<Self, PkiError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let now = SystemTime::now();

@@ -20,7 +20,7 @@ pub mod testing;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-pub use ca::Ca;
+pub use ca::{Ca, opaque_name};
 pub use csr::CsrError;
 pub use files::write_tls_dir;
 pub use issue::{Eku, IssueOptions, IssuedCert, Serial};

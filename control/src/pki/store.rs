@@ -72,12 +72,36 @@ impl LocalPki {
         Ok(pki)
     }
 
+    /// Opens the PKI in `dir` as it is, creating nothing (for a command that issues from the
+    /// PKI of a `bkpool local`, which must never make a CA of its own): `None` when `dir`
+    /// holds none. Pools of `pools` without a client CA are left out.
+    pub fn open_existing(dir: &Path, pools: &[PoolId]) -> Result<Option<Self>, PkiError> {
+        let Some(gateway_ca) = load_ca(&dir.join("gateway"), "ca")? else {
+            return Ok(None);
+        };
+        let Some(backend_ca) = load_ca(&dir.join("backend"), "ca")? else {
+            return Ok(None);
+        };
+        let mut pki = Self {
+            dir: dir.to_path_buf(),
+            gateway_ca,
+            backend_ca,
+            pool_cas: BTreeMap::new(),
+        };
+        for pool in pools {
+            if let Some(ca) = load_ca(&pki.pool_dir(pool), "client-ca")? {
+                pki.pool_cas.insert(pool.clone(), ca);
+            }
+        }
+        Ok(Some(pki))
+    }
+
     /// Loads `pool`'s client CA, creating it if the pool is new.
     pub fn add_pool(&mut self, pool: &PoolId) -> Result<&Ca, PkiError> {
         if !self.pool_cas.contains_key(pool) {
             let dir = self.pool_dir(pool);
-            let common_name = format!("bkpool client CA {pool}");
-            let ca = open_or_create_ca(&dir, "client-ca", &common_name)?;
+            // Named in every CertificateRequest, so the name must not say which pool.
+            let ca = open_or_create_ca(&dir, "client-ca", &super::opaque_name()?)?;
             self.pool_cas.insert(pool.clone(), ca);
         }
         Ok(&self.pool_cas[pool])
@@ -189,18 +213,28 @@ impl LocalPki {
 
 /// Loads `<dir>/<stem>.pem` + `<dir>/<stem>.key`, or creates both if neither exists.
 fn open_or_create_ca(dir: &Path, stem: &str, common_name: &str) -> Result<Ca, PkiError> {
+    if let Some(ca) = load_ca(dir, stem)? {
+        return Ok(ca);
+    }
     let cert_path = dir.join(format!("{stem}.pem"));
     let key_path = dir.join(format!("{stem}.key"));
-    if pair_exists(&cert_path, &key_path)? {
-        warn_if_loose(&key_path);
-        return Ca::load(&cert_path, &key_path);
-    }
     ensure_dir(dir)?;
     let ca = Ca::generate(common_name, CA_VALIDITY)?;
     write_atomic(&key_path, ca.key_pem().as_bytes(), KEY_MODE)?;
     write_atomic(&cert_path, ca.cert_pem().as_bytes(), CERT_MODE)?;
     tracing::info!(path = %cert_path.display(), common_name, "created CA");
     Ok(ca)
+}
+
+/// Loads `<dir>/<stem>.pem` + `<dir>/<stem>.key`; `None` if neither exists.
+fn load_ca(dir: &Path, stem: &str) -> Result<Option<Ca>, PkiError> {
+    let cert_path = dir.join(format!("{stem}.pem"));
+    let key_path = dir.join(format!("{stem}.key"));
+    if !pair_exists(&cert_path, &key_path)? {
+        return Ok(None);
+    }
+    warn_if_loose(&key_path);
+    Ca::load(&cert_path, &key_path).map(Some)
 }
 
 /// Whether both halves exist; an error if only one does (creating the other would pair a
@@ -301,6 +335,34 @@ mod tests {
     }
 
     #[test]
+    fn opening_an_existing_pki_creates_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("pki");
+        assert!(
+            LocalPki::open_existing(&dir, &[pool("a")])
+                .unwrap()
+                .is_none()
+        );
+        assert!(!dir.exists(), "nothing created where there is no PKI");
+
+        let made = init(&dir);
+        let before = snapshot(&dir);
+        let opened = LocalPki::open_existing(&dir, &[pool("a"), pool("c")])
+            .unwrap()
+            .unwrap();
+        assert_eq!(opened.gateway_ca().cert_pem(), made.gateway_ca().cert_pem());
+        assert_eq!(
+            opened.pool_ca(&pool("a")).unwrap().cert_pem(),
+            made.pool_ca(&pool("a")).unwrap().cert_pem()
+        );
+        assert!(
+            opened.pool_ca(&pool("c")).is_none(),
+            "no CA made for a new pool"
+        );
+        assert_eq!(snapshot(&dir), before, "every file as it was");
+    }
+
+    #[test]
     fn first_run_creates_the_documented_layout_with_private_keys_0600() {
         let tmp = tempfile::tempdir().unwrap();
         let pki = init(tmp.path());
@@ -372,6 +434,30 @@ mod tests {
         }
         assert_eq!(after.len(), before.len() + 2);
         assert!(pki.pool_ca_path(&pool("c")).exists());
+    }
+
+    #[test]
+    fn a_pool_ca_is_named_without_its_pool_and_an_old_readable_name_still_loads() {
+        let subject = |ca: &Ca| {
+            let (_, cert) = x509_parser::parse_x509_certificate(ca.cert_der()).unwrap();
+            cert.subject().to_string()
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let pki = LocalPki::open_or_init(tmp.path(), &[pool("secret-project")], &[]).unwrap();
+        let name = subject(pki.pool_ca(&pool("secret-project")).unwrap());
+        assert!(name.starts_with("CN=bkpool CA "), "{name}");
+        assert!(!name.contains("secret-project"), "{name}");
+
+        // A CA made before opaque names keeps its name and keeps working.
+        let old = Ca::generate("bkpool client CA local/legacy", CA_VALIDITY).unwrap();
+        let dir = tmp.path().join("pools/local/legacy");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("client-ca.pem"), old.cert_pem()).unwrap();
+        std::fs::write(dir.join("client-ca.key"), old.key_pem()).unwrap();
+        let pki = LocalPki::open_or_init(tmp.path(), &[pool("legacy")], &[]).unwrap();
+        let loaded = pki.pool_ca(&pool("legacy")).unwrap();
+        assert_eq!(loaded.cert_pem(), old.cert_pem());
+        assert!(subject(loaded).contains("local/legacy"));
     }
 
     /// Damages one file, reopens, and checks the error names `named` with `problem`

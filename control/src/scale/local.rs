@@ -1,5 +1,6 @@
 //! The scaler's [`Driver`] for local processes: [`LocalDriver`] starts and stops them, each
-//! pool with its own [`ProcessSpec`]; readiness is a gRPC health check over h2c.
+//! pool with its own [`ProcessSpec`]; readiness is a gRPC health check, over mTLS with the
+//! gateway's own backend certificate for pools whose replicas serve it, else over h2c.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -20,6 +21,8 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_millis(250);
 pub struct LocalReplicas {
     driver: LocalDriver,
     specs: HashMap<PoolId, ProcessSpec>,
+    /// The client configuration of pools probed over mTLS.
+    tls: HashMap<PoolId, Arc<rustls::ClientConfig>>,
     running: Arc<Mutex<HashMap<(PoolId, String), Replica>>>,
     exits: broadcast::Sender<Exited>,
 }
@@ -58,9 +61,20 @@ impl LocalReplicas {
         Self {
             driver,
             specs,
+            tls: HashMap::new(),
             running,
             exits,
         }
+    }
+
+    /// Probes the replicas of `pools` over mTLS with `tls` (the gateway's backend leg).
+    pub fn with_tls(
+        mut self,
+        pools: impl IntoIterator<Item = PoolId>,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> Self {
+        self.tls.extend(pools.into_iter().map(|p| (p, tls.clone())));
+        self
     }
 
     /// The process driver (for a final `stop_all`).
@@ -119,7 +133,14 @@ impl Driver for LocalReplicas {
             if !known.is_some_and(|r| self.driver.is_running(&r)) {
                 return Readiness::Exited;
             }
-            match health::probe(replica.addr, PROBE_TIMEOUT).await {
+            let probed = match self.tls.get(pool) {
+                Some(tls) => {
+                    let name = rustls::pki_types::ServerName::IpAddress(replica.addr.ip().into());
+                    health::probe_tls(replica.addr, name, tls.clone(), PROBE_TIMEOUT).await
+                }
+                None => health::probe(replica.addr, PROBE_TIMEOUT).await,
+            };
+            match probed {
                 Ok(h) if h.is_ready() => Readiness::Healthy,
                 Ok(_) => Readiness::Listening,
                 Err(ProbeError::Refused { .. } | ProbeError::Connect { .. }) => Readiness::Down,

@@ -155,7 +155,10 @@ fn harness(driver: Arc<Recording>, policy: Policy) -> Harness {
 
 impl Harness {
     async fn connect(&self) -> Result<Vec<Candidate>, RouteError> {
-        self.upstream.candidates(&self.activity).await
+        let admission = proxy::admit::Admission::new(100_000, 1_024);
+        let source = std::net::Ipv4Addr::LOCALHOST.into();
+        let caller = proxy::route::Caller::new(source, true, pool_id(), admission);
+        self.upstream.candidates(&self.activity, &caller).await
     }
 
     /// A connection as the gateway makes one: route, then engage the first candidate.

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
-use proxy::activity::{HeldGuard, PoolActivity};
-use proxy::route::{BoxFuture, Candidate, RouteError, Upstream};
+use proxy::activity::PoolActivity;
+use proxy::route::{BoxFuture, Caller, Candidate, Held, RouteError, Upstream};
 use tokio::time::{Instant, sleep, timeout_at};
 
 use super::driver::{Readiness, Started};
@@ -31,8 +31,9 @@ impl Upstream for PoolUpstream {
     fn candidates<'a>(
         &'a self,
         activity: &'a Arc<PoolActivity>,
+        caller: &'a Caller,
     ) -> BoxFuture<'a, Result<Vec<Candidate>, RouteError>> {
-        Box::pin(self.shared.route(&self.pool, activity))
+        Box::pin(self.shared.route(&self.pool, activity, caller))
     }
 }
 
@@ -41,7 +42,7 @@ struct Hold<'a> {
     pool: &'a Pool,
     total: &'a AtomicUsize,
     since: Instant,
-    _activity: HeldGuard,
+    _held: Held,
 }
 
 impl Drop for Hold<'_> {
@@ -60,6 +61,7 @@ impl Shared {
         self: &Arc<Self>,
         pool: &Arc<Pool>,
         activity: &Arc<PoolActivity>,
+        caller: &Caller,
     ) -> Result<Vec<Candidate>, RouteError> {
         let deadline = Instant::now() + pool.policy.wake_timeout;
         let mut changed = pool.subscribe();
@@ -82,7 +84,7 @@ impl Shared {
                     return Err(e.clone());
                 }
                 if hold.is_none() {
-                    hold = Some(self.hold(pool, activity)?);
+                    hold = Some(self.hold(pool, activity, caller)?);
                 }
                 if matches!(s.state, State::Sleeping) {
                     self.begin_wake(pool, &mut s);
@@ -122,12 +124,15 @@ impl Shared {
         Some(s.candidates())
     }
 
-    /// Takes a place in the hold queues, or refuses when either is full.
+    /// Takes a place in the hold queues, or refuses when one is full (the pool's, the
+    /// gateway's, or the caller's under the gateway's hold limits).
     fn hold<'p>(
         &'p self,
         pool: &'p Pool,
         activity: &Arc<PoolActivity>,
+        caller: &Caller,
     ) -> Result<Hold<'p>, RouteError> {
+        let held = caller.hold(activity)?;
         let here = pool.held.fetch_add(1, Relaxed);
         let total = self.held_total.fetch_add(1, Relaxed);
         if here >= pool.policy.max_held || total >= self.settings.max_held_total {
@@ -141,7 +146,7 @@ impl Shared {
             pool,
             total: &self.held_total,
             since: Instant::now(),
-            _activity: activity.hold(),
+            _held: held,
         })
     }
 

@@ -25,19 +25,15 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 use tokio::sync::oneshot;
 
-/// A client for the test cluster, or None (and a note) when BKPOOL_TEST_KUBECONFIG is unset.
+/// A client for the test cluster, or None (a skip, a failure in CI) when
+/// BKPOOL_TEST_KUBECONFIG is unset.
 pub async fn test_client() -> Option<Client> {
     let config = test_config().await?;
     Some(Client::try_from(config).expect("client"))
 }
 
 pub async fn test_config() -> Option<kube::Config> {
-    let Ok(path) = std::env::var("BKPOOL_TEST_KUBECONFIG") else {
-        eprintln!(
-            "skipped: BKPOOL_TEST_KUBECONFIG is not set (../shared/tools/kube-local/start.sh)"
-        );
-        return None;
-    };
+    let path = control::testkit::kubeconfig()?;
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let kubeconfig = kube::config::Kubeconfig::read_from(path).expect("kubeconfig");
     let options = kube::config::KubeConfigOptions::default();
@@ -114,6 +110,13 @@ impl TestNamespace {
     pub async fn delete(self) {
         let api: Api<Namespace> = Api::all(self.client.clone());
         let _ = api.delete(&self.name, &DeleteParams::default()).await;
+    }
+
+    /// Stops `kubelet` (its processes killed, its pods deleted at once, so the namespace
+    /// can go), then deletes the namespace.
+    pub async fn delete_after(self, kubelet: control::kubelet::Kubelet) {
+        kubelet.shutdown().await;
+        self.delete().await;
     }
 }
 

@@ -7,8 +7,9 @@
 //!   other direction keeps flowing;
 //! - propagate a reset only after the bytes already owed to the other side are flushed,
 //!   by closing the other side with SO_LINGER 0 so its peer sees RST promptly;
-//! - end both sides after `idle_timeout` without a byte in either direction, with one
-//!   lazily re-armed timer per connection;
+//! - end both sides after `idle_timeout` without a byte in either direction, or at a hard
+//!   end (`ends_at`: the client certificate's expiry), with one lazily re-armed timer per
+//!   connection;
 //! - borrow buffers and pipes only while bytes move ([`pool`]), so idle connections,
 //!   which are most of them (a BuildKit `RUN` step can keep a session silent for an
 //!   hour), cost their sockets (and TLS state) and nothing else.
@@ -67,11 +68,13 @@ pub trait Tally: Send + Sync {
     fn reset(&self, dir: Direction);
 }
 
-/// How a relay behaves; the same for every connection of a listener.
+/// How a relay behaves: the pool's idle timeout, and the connection's hard end if it has one.
 #[derive(Clone, Debug)]
 pub struct Settings {
     /// Both sides are closed after this long without a byte in either direction.
     pub idle_timeout: Duration,
+    /// Both sides are reset at this instant, whatever is moving.
+    pub ends_at: Option<Instant>,
 }
 
 /// How a relay ended, and what it moved.
@@ -91,6 +94,8 @@ pub enum End {
     Finished,
     /// Nothing moved for `idle_timeout`; both sides were closed.
     IdleTimeout,
+    /// `ends_at` came; both sides were reset.
+    Expired,
     /// The source of `dir` was reset; its destination was reset in turn.
     Reset { dir: Direction },
     /// A side failed in another way; both sides were reset.
@@ -122,6 +127,7 @@ impl End {
         match self {
             Self::Finished => "finished",
             Self::IdleTimeout => "idle_timeout",
+            Self::Expired => "expired",
             Self::Reset {
                 dir: Direction::Inbound,
             } => "client_reset",
@@ -407,7 +413,7 @@ impl Joint {
     }
 }
 
-/// Runs the duplex future against the idle timer.
+/// Runs the duplex future against the idle timer and the hard end.
 async fn run(
     duplex: impl Future<Output = Result<(), Stop>>,
     meter: &Meter<'_>,
@@ -419,21 +425,25 @@ async fn run(
             Err(Stop::Reset(dir)) => End::Reset { dir },
             Err(Stop::Error(e)) => End::Error(e),
         },
-        () = idle(meter, settings.idle_timeout) => End::IdleTimeout,
+        end = timer(meter, settings.idle_timeout, settings.ends_at) => end,
     }
 }
 
-/// Completes once nothing has moved for `timeout`. One timer: when it fires early (bytes
-/// moved meanwhile), it is re-armed for the last activity plus `timeout`.
-async fn idle(meter: &Meter<'_>, timeout: Duration) {
-    let mut deadline = meter.start + timeout;
+/// Completes once nothing has moved for `timeout` (IdleTimeout), or at `ends_at` (Expired).
+/// One timer: when it fires early (bytes moved meanwhile), it is re-armed for the last
+/// activity plus `timeout`, or `ends_at` if that comes first.
+async fn timer(meter: &Meter<'_>, timeout: Duration, ends_at: Option<Instant>) -> End {
+    let mut idle_at = meter.start + timeout;
     loop {
-        tokio::time::sleep_until(deadline).await;
-        let next = meter.last_activity() + timeout;
-        if next <= Instant::now() {
-            return;
+        tokio::time::sleep_until(ends_at.map_or(idle_at, |end| end.min(idle_at))).await;
+        let now = Instant::now();
+        if ends_at.is_some_and(|end| end <= now) {
+            return End::Expired;
         }
-        deadline = next;
+        idle_at = meter.last_activity() + timeout;
+        if idle_at <= now {
+            return End::IdleTimeout;
+        }
     }
 }
 
@@ -449,7 +459,7 @@ fn conclude(end: End, client: &TcpStream, backend: &TcpStream, meter: &Meter<'_>
             });
         }
         // A truncated stream must not look like a clean end to either peer.
-        End::Error(_) => {
+        End::Error(_) | End::Expired => {
             abort(client);
             abort(backend);
         }

@@ -399,12 +399,42 @@ async fn the_idle_timer_is_rearmed_from_the_last_activity() {
         tokio::time::sleep(Duration::from_secs(40)).await;
         meter.touch();
     };
-    tokio::join!(touch, idle(&meter, Duration::from_secs(60)));
+    let (_, end) = tokio::join!(touch, timer(&meter, Duration::from_secs(60), None));
+    assert!(matches!(end, End::IdleTimeout), "{end:?}");
     assert_eq!(
         start.elapsed().as_secs(),
         100,
         "60 s after the activity at 40 s"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_hard_end_comes_whatever_moves_and_before_the_idle_timeout() {
+    let counts = Counts::default();
+    let meter = Meter::new(&counts);
+    let start = Instant::now();
+    let busy = async {
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            meter.touch();
+        }
+    };
+    let ends_at = Some(start + Duration::from_secs(30));
+    tokio::select! {
+        () = busy => panic!("the hard end did not come while bytes moved"),
+        end = timer(&meter, Duration::from_secs(60), ends_at) => {
+            assert!(matches!(end, End::Expired), "{end:?}");
+        }
+    }
+    assert_eq!(start.elapsed().as_secs(), 30);
+    // Silent, a later hard end leaves the idle timeout first.
+    let meter = Meter::new(&counts);
+    let end = timer(
+        &meter,
+        Duration::from_secs(60),
+        Some(meter.start + Duration::from_secs(90)),
+    );
+    assert!(matches!(end.await, End::IdleTimeout));
 }
 
 #[tokio::test]
@@ -600,7 +630,10 @@ impl Relay {
             tune(tcp).unwrap();
         }
         let counts = Arc::new(Counts::default());
-        let settings = Settings { idle_timeout };
+        let settings = Settings {
+            idle_timeout,
+            ends_at: None,
+        };
         let tls = Tls::new();
         let (client, backend, outcome): (Box<dyn Leg>, Box<dyn Leg>, _) = match rig {
             Rig::Splice => {

@@ -58,7 +58,7 @@ use super::error::kube_reason;
 use super::metrics::{Direction, DrainResult, Metrics};
 use super::objects::{MANAGED_SELECTOR, POOL_LABEL, PoolNames};
 use super::watch::{self, Scope, Watched, api};
-use crate::crd::{BuildKitPool, WorkloadKind, duration, validate};
+use crate::crd::{BuildKitPool, WorkloadKind, duration, validate_pool};
 
 /// Where the gateways are and how the scaler paces itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -251,7 +251,7 @@ impl Scaler {
     }
 
     async fn pool_round(&self, pool: &BuildKitPool, seen: Option<Seen>, track: &mut PoolTrack) {
-        if !validate(&pool.spec).is_empty() {
+        if !validate_pool(pool).is_empty() {
             return; // the status reconciler reports why; nothing to scale
         }
         let now = Timestamp::now();
@@ -411,6 +411,11 @@ impl Scaler {
     }
 
     /// Patches the workload's `/scale` to `replicas`; false (and logged) on failure.
+    ///
+    /// Unconditional, unlike a gateway's wake: gateways write only a count of zero, and only
+    /// on condition that it is still what they read, so a wake never undoes this write; and
+    /// a scale-down comes after a confirmed drain, when the count is above zero and no
+    /// gateway writes it.
     async fn patch_scale(&self, pool: &BuildKitPool, replicas: i32) -> bool {
         let names = PoolNames::of(pool);
         let patch = Patch::Merge(json!({ "spec": { "replicas": replicas } }));

@@ -1,0 +1,197 @@
+//! Kubernetes end to end with the real BuildKit (skipped without `BKPOOL_TEST_KUBECONFIG`,
+//! BuildKit or a static busybox), once per workload kind: the operator (`bkpool controller`)
+//! reconciles a sleeping pool; the process kubelet runs the pod spec it generates, so a real
+//! buildkitd starts with the operator's TLS Secret and `buildkitd.toml`; a real `buildctl
+//! build`, with a certificate signed by the pool's client CA Secret, goes through `bkpool
+//! gateway --kubernetes`, which wakes the pool from zero while it holds the connection. Then
+//! the pool goes idle, is drained and scaled to zero (every pod gone), and the next build
+//! wakes it again. A StatefulSet keeps its cache on its claim across sleep (the second build
+//! is `CACHED`); a Deployment's cache is an `emptyDir` and goes with its pod. The wake does
+//! not wait for Kubernetes to mark the pod Ready: the gateway probes a Running pod itself.
+
+#[path = "../control/tests/support/mod.rs"]
+mod cluster;
+mod support;
+
+use std::time::Duration;
+
+use cluster::{TestNamespace, eventually, install_crd, test_client};
+use control::crd::{BuildKitPool, Phase};
+use control::kubelet::Kubelet;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::Client;
+use kube::api::{Api, ListParams, PostParams};
+use serde_json::json;
+use support::buildkit::{self, Context, Endpoint};
+use support::k8s::{
+    Controller, KillOnDrop, admin_kubeconfig, client_tlsdir, free_ports, loopback,
+    publish_gateways, start_gateway,
+};
+
+const WAIT: Duration = Duration::from_secs(90);
+const POOL: &str = "bk";
+
+async fn phase(client: &Client, ns: &str) -> Option<Phase> {
+    let pools: Api<BuildKitPool> = Api::namespaced(client.clone(), ns);
+    pools.get(POOL).await.ok()?.status?.phase
+}
+
+async fn pods(client: &Client, ns: &str) -> Vec<Pod> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    pods.list(&ListParams::default()).await.unwrap().items
+}
+
+/// A build through the gateway must succeed; on failure, say what the cluster saw.
+async fn build(
+    tools: &(control::testkit::BuildKit, std::path::PathBuf),
+    endpoint: &Endpoint,
+    context: &Context,
+    greeting: &str,
+    kubelet: &Kubelet,
+    gateway: &support::Listening,
+) -> String {
+    let (output, out) = context.build(&tools.0, endpoint).await;
+    let built = std::fs::read_to_string(out.path().join("out.txt")).unwrap_or_default();
+    assert!(
+        output.status.success() && built == Context::expected(greeting),
+        "build through the gateway: {}\nout.txt: {built:?}\ngateway log:\n{}\nkubelet:\n{}",
+        buildkit::describe(&output),
+        gateway.log.lock().unwrap().join("\n"),
+        kubelet.logs()
+    );
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Builds through a pool of `kind` woken from zero, lets it sleep, builds again; returns the
+/// second build's progress output. With `ready_never`, the kubelet never passes a readiness
+/// probe: the pods serve without ever being Ready.
+async fn build_sleep_build(
+    kind: &str,
+    n: u8,
+    workload: serde_json::Value,
+    ready_never: bool,
+) -> Option<String> {
+    let client = test_client().await?;
+    let tools = buildkit::tools()?;
+    install_crd(&client).await;
+    let ns = TestNamespace::create(&client, &format!("bkp-bk-{}", kind.to_lowercase())).await;
+    let dir = tempfile::tempdir().unwrap();
+    // Admin needs no separate namespace for the gateway's Secret copies: the pool's will do.
+    let controller = Controller::start(
+        &ns.name,
+        &ns.name,
+        &admin_kubeconfig(),
+        &dir.path().join("controller.log"),
+    );
+
+    let mut workload = workload;
+    workload["kind"] = json!(kind);
+    workload["security"] = json!("Privileged");
+    let pools: Api<BuildKitPool> = Api::namespaced(client.clone(), &ns.name);
+    let pool: BuildKitPool = serde_json::from_value(json!({
+        "apiVersion": "bkpool.dev/v1alpha1", "kind": "BuildKitPool", "metadata": {"name": POOL},
+        "spec": {"scaling": {"idleAfter": "2s", "minUpAfterWake": "0s", "wakeTimeout": "60s"},
+                 "workload": workload}
+    }))
+    .unwrap();
+    pools.create(&PostParams::default(), &pool).await.unwrap();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    eventually("the pool asleep with its certificates", WAIT, || async {
+        (phase(&client, &ns.name).await? == Phase::Sleeping).then_some(())?;
+        secrets
+            .get(&format!("{POOL}-gateway-backend-tls"))
+            .await
+            .ok()
+    })
+    .await;
+
+    let mut kubelet = Kubelet::builder(client.clone(), &ns.name).buildkit(&tools.0);
+    if ready_never {
+        kubelet = kubelet.readiness_never_passes();
+    }
+    let kubelet = kubelet.start();
+    let ip = loopback(n, 1);
+    let ports = free_ports(ip);
+    let gateway = KillOnDrop(start_gateway(
+        ip,
+        ports,
+        &ns.name,
+        &ns.name,
+        &admin_kubeconfig(),
+        dir.path(),
+    ));
+    eventually("gateway ready after its first sync", WAIT, || async {
+        (support::http_get(gateway.admin, "/readyz").await.0 == 200).then_some(())
+    })
+    .await;
+    publish_gateways(&client, &ns.name, &[ip], ports.1).await;
+
+    let client_ca = secrets.get(&format!("{POOL}-client-ca")).await.unwrap();
+    let endpoint = Endpoint {
+        server_name: Some(format!("{POOL}.{}.svc", ns.name)),
+        ..Endpoint::tls(
+            gateway.listen,
+            &client_tlsdir(&client_ca, &ns.name, POOL, dir.path()),
+        )
+    };
+    let context = Context::new(&tools.1, kind, "");
+
+    // Cold: nothing runs until the gateway, holding buildctl's connection, wakes the pool.
+    assert!(pods(&client, &ns.name).await.is_empty(), "asleep: no pod");
+    build(&tools, &endpoint, &context, kind, &kubelet, &gateway).await;
+    if ready_never {
+        let ready = pods(&client, &ns.name).await.iter().any(|p| {
+            let conditions = p.status.as_ref().and_then(|s| s.conditions.as_ref());
+            conditions.is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        });
+        assert!(!ready, "served by a pod that was never Ready");
+    }
+
+    // Idle: drained, scaled to zero, every pod gone (its processes stopped by the kubelet).
+    eventually("the pool asleep again, no pod left", WAIT, || async {
+        (phase(&client, &ns.name).await? == Phase::Sleeping).then_some(())?;
+        pods(&client, &ns.name).await.is_empty().then_some(())
+    })
+    .await;
+
+    // And woken again by the next build.
+    let second = build(&tools, &endpoint, &context, kind, &kubelet, &gateway).await;
+
+    drop((controller, gateway));
+    ns.delete_after(kubelet).await;
+    Some(second)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deployment_pool_builds_from_zero_sleeps_and_builds_again() {
+    let Some(second) = build_sleep_build("Deployment", 10, json!({}), false).await else {
+        return;
+    };
+    // Its cache is an emptyDir: gone with the pod that slept.
+    assert!(!second.contains("CACHED"), "{second}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_statefulset_pool_keeps_its_cache_across_sleep() {
+    let workload = json!({"cache": {"size": "1Gi"}});
+    let Some(second) = build_sleep_build("StatefulSet", 11, workload, false).await else {
+        return;
+    };
+    assert!(
+        second.contains("CACHED"),
+        "a cache hit after sleep: {second}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_pool_builds_from_zero_sleeps_and_builds_again() {
+    build_sleep_build("Job", 12, json!({}), false).await;
+}
+
+/// Kubernetes' readiness probe (at best once a second, the operator's 2 s after start) is not
+/// on the wake path: the gateway probes a Running pod itself, so a pod whose probe never
+/// passed still serves the build that woke it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wake_does_not_wait_for_kubernetes_readiness() {
+    build_sleep_build("Deployment", 13, json!({}), true).await;
+}
