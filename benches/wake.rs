@@ -307,7 +307,9 @@ impl KubePool {
         cluster::install_crd(&client).await;
         let ns = cluster::TestNamespace::create(&client, "bkp-bench").await;
         let dir = tempfile::tempdir().unwrap();
+        // The gateway's Secret copies go to the pool's namespace: the admin reads them there.
         let controller = Controller::start(
+            &ns.name,
             &ns.name,
             &admin_kubeconfig(),
             &dir.path().join("controller.log"),
@@ -336,7 +338,14 @@ impl KubePool {
             .start();
         let ip = loopback(20, 1);
         let ports = free_ports(ip);
-        let gateway = start_gateway(ip, ports, &ns.name, &admin_kubeconfig(), dir.path());
+        let gateway = start_gateway(
+            ip,
+            ports,
+            &ns.name,
+            &ns.name,
+            &admin_kubeconfig(),
+            dir.path(),
+        );
         cluster::eventually("the gateway ready", WAIT, || async {
             (support::http_get(gateway.admin, "/readyz").await.0 == 200).then_some(())
         })

@@ -1,9 +1,11 @@
-//! `bkpool controller`: the Kubernetes operator. Every replica contends for the leader Lease
-//! and serves `/healthz`, `/readyz` and `/metrics`; only the leader runs the reconcilers and
-//! the scaler (side by side), and it stops both the moment it loses the Lease.
+//! `bkpool controller`: the Kubernetes operator. Every replica contends for the leader Lease,
+//! serves `/healthz`, `/readyz` and `/metrics`, and serves the certificate API
+//! (`--certapi-listen`); only the leader runs the reconcilers and the scaler (side by side),
+//! and it stops both the moment it loses the Lease.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,6 +14,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
+use control::certapi::replica::{Replica, ReplicaSettings};
 use control::operator::Settings;
 use control::operator::controller;
 use control::operator::leader::LeaderElection;
@@ -20,6 +23,7 @@ use control::operator::scaler;
 use control::operator::watch::Scope;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -75,6 +79,23 @@ pub struct Args {
     /// Kubeconfig file (default: in-cluster, then $KUBECONFIG).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
+    /// Where the gateway's certificates are published for it: a namespace holding nothing
+    /// else, as the gateway may read every Secret there.
+    #[arg(long, default_value = control::operator::publish::DEFAULT_NAMESPACE)]
+    gateway_secret_namespace: String,
+    /// Address of the certificate API (HTTPS), served by every replica.
+    #[arg(long, default_value = "0.0.0.0:8444")]
+    certapi_listen: SocketAddr,
+    /// The audience ServiceAccount tokens must be issued for (repeatable).
+    #[arg(long = "certapi-audience", default_value = "bkpool")]
+    certapi_audiences: Vec<String>,
+    /// A name clients reach the certificate API by, beyond the bkpool-certapi Service's
+    /// (DNS name or IP address, repeatable): it is put on the API's certificate.
+    #[arg(long = "certapi-name")]
+    certapi_names: Vec<String>,
+    /// CA certificates (PEM file) to trust OIDC issuers with, instead of the system's.
+    #[arg(long)]
+    certapi_oidc_roots: Option<PathBuf>,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -88,16 +109,53 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         &identity,
     )
     .with_timings(args.lease_duration, args.retry_period);
-    let (registry, metrics) = metrics::registry();
+    let mut registry = Registry::default();
+    let metrics = metrics::Metrics::register(&mut registry);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    tracing::info!(addr = %listener.local_addr()?, %identity, "controller admin endpoint");
+    let certapi_listener = tokio::net::TcpListener::bind(args.certapi_listen)
+        .await
+        .with_context(|| format!("binding {}", args.certapi_listen))?;
+    tracing::info!(addr = %listener.local_addr()?, certapi = %certapi_listener.local_addr()?, %identity, "controller admin endpoint");
+    let scope = args.namespace.clone().map_or(Scope::All, Scope::Namespace);
+    let mut settings = Settings {
+        gateway_secret_namespace: args.gateway_secret_namespace.clone(),
+        gateway_host: args.gateway_host.clone(),
+        gateway_port: args.gateway_port,
+        ..Settings::default()
+    };
+    let oidc_roots = match &args.certapi_oidc_roots {
+        Some(path) => {
+            let pem = std::fs::read_to_string(path)
+                .with_context(|| format!("reading --certapi-oidc-roots {}", path.display()))?;
+            control::https::HttpsClient::with_roots_pem(&pem)
+                .with_context(|| format!("--certapi-oidc-roots {}", path.display()))?;
+            Some(pem)
+        }
+        None => None,
+    };
+    let certapi = Replica::new(
+        client.clone(),
+        &ReplicaSettings {
+            namespace: args.lease_namespace.clone(),
+            scope: scope.clone(),
+            audiences: args.certapi_audiences.clone(),
+            server_names: args.certapi_names.clone(),
+            oidc_roots,
+            operator: settings.clone(),
+        },
+        &mut registry,
+    );
+    let certapi_ready = certapi.readiness();
     let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_certapi = CancellationToken::new();
+    let certapi = tokio::spawn(certapi.run(certapi_listener, stop_certapi.clone()));
     let admin = tokio::spawn(serve_admin(
         listener,
-        registry,
+        Arc::new(Mutex::new(registry)),
         election.clone(),
+        certapi_ready,
         stopped(stop_rx.clone()),
     ));
     let (leader_tx, mut leader_rx) = watch::channel(false);
@@ -110,12 +168,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         crate::shutdown::requested().await;
         let _ = stop_tx.send(true);
     });
-    let scope = args.namespace.clone().map_or(Scope::All, Scope::Namespace);
-    let mut settings = Settings {
-        gateway_host: args.gateway_host.clone(),
-        gateway_port: args.gateway_port,
-        ..Settings::default()
-    };
     if !args.gateway_namespace_labels.is_empty() {
         settings.gateway_namespace_labels = args.gateway_namespace_labels.iter().cloned().collect();
     }
@@ -166,6 +218,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         metrics.set_leader(false);
         tracing::info!(%identity, "stopped reconciling and scaling");
     }
+    stop_certapi.cancel();
+    let _ = certapi.await;
     let _ = contending.await;
     let _ = admin.await;
     Ok(())
@@ -194,19 +248,25 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
 struct Admin {
     registry: Arc<Mutex<Registry>>,
     election: LeaderElection,
+    certapi_ready: Arc<AtomicBool>,
 }
 
 async fn serve_admin(
     listener: tokio::net::TcpListener,
     registry: Arc<Mutex<Registry>>,
     election: LeaderElection,
+    certapi_ready: Arc<AtomicBool>,
     stop: impl Future<Output = ()> + Send + 'static,
 ) {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
-        .with_state(Admin { registry, election });
+        .with_state(Admin {
+            registry,
+            election,
+            certapi_ready,
+        });
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(stop)
         .await
@@ -215,15 +275,21 @@ async fn serve_admin(
     }
 }
 
-/// Ready while the API server answers: a standby is ready too (it takes over on its own).
+/// Ready while the API server answers and the certificate API serves: a standby is ready too
+/// (it serves certificates, and takes over reconciling on its own).
 async fn readyz(State(admin): State<Admin>) -> (StatusCode, &'static str) {
-    if admin.election.api_reachable() {
-        (StatusCode::OK, "ok")
-    } else {
+    if !admin.election.api_reachable() {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "the API server is not reachable",
         )
+    } else if !admin.certapi_ready.load(Relaxed) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the certificate API is not serving yet",
+        )
+    } else {
+        (StatusCode::OK, "ok")
     }
 }
 

@@ -38,6 +38,14 @@ pub struct Args {
     /// Kubeconfig file (default: in-cluster, then $KUBECONFIG).
     #[arg(long, requires = "kubernetes")]
     kubeconfig: Option<PathBuf>,
+    /// With --kubernetes: the namespace the controller publishes the gateway's certificates
+    /// in (its --gateway-secret-namespace); the only one whose Secrets the gateway reads.
+    #[arg(
+        long,
+        default_value = control::operator::publish::DEFAULT_NAMESPACE,
+        requires = "kubernetes"
+    )]
+    secret_namespace: String,
 }
 
 /// Listeners of a Kubernetes gateway run without a configuration file.
@@ -99,6 +107,7 @@ async fn run_kubernetes(args: Args) -> anyhow::Result<()> {
     let settings = kube_gateway::Settings {
         scope: args.namespace.clone().map_or(Scope::All, Scope::Namespace),
         pool_selector: args.pool_selector.clone(),
+        secret_namespace: args.secret_namespace.clone(),
         connect_timeout: config.timeouts.connect,
         idle_timeout: config.timeouts.idle,
     };

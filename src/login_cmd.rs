@@ -3,6 +3,11 @@
 //! answer is written as `ca.pem`, `cert.pem` and `key.pem` (0600), the layout
 //! `buildctl --tlsdir` reads. With `--exec -- CMD...` the command runs with the certificates
 //! in place and `BUILDKIT_HOST` set, and its exit status becomes ours.
+//!
+//! The certificate API's own CA is pinned with `--ca FILE`, or read with `--ca-configmap`
+//! from the ConfigMap the operator publishes (`bkpool-system/bkpool-certapi-ca`, key
+//! `ca.crt`), through the API server, whose identity the pod's (or the kubeconfig's) cluster
+//! CA vouches for.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -15,6 +20,9 @@ use serde::Deserialize;
 
 /// Where Kubernetes mounts a pod's ServiceAccount token.
 pub const SERVICEACCOUNT_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+
+/// Where the operator publishes the certificate API's CA bundle.
+pub const DEFAULT_CA_CONFIGMAP: &str = "bkpool-system/bkpool-certapi-ca";
 
 #[derive(clap::Args)]
 #[command(group(clap::ArgGroup::new("source").required(true)
@@ -39,8 +47,15 @@ pub struct Args {
     #[arg(long, default_value = "bkpool")]
     audience: String,
     /// CA certificate(s) to trust the certificate API with (default: the system's).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "ca_configmap")]
     ca: Option<PathBuf>,
+    /// Read the certificate API's CA from this ConfigMap (NAMESPACE/NAME, key ca.crt) through
+    /// the API server: in a pod with its own credentials, elsewhere with --kubeconfig.
+    #[arg(long, num_args = 0..=1, default_missing_value = DEFAULT_CA_CONFIGMAP, value_name = "NAMESPACE/NAME")]
+    ca_configmap: Option<String>,
+    /// Kubeconfig for --ca-configmap (default: the pod's in-cluster credentials).
+    #[arg(long, requires = "ca_configmap")]
+    kubeconfig: Option<PathBuf>,
     /// Certificate lifetime to ask for (capped by the pool), e.g. 30m.
     #[arg(long)]
     ttl: Option<String>,
@@ -157,13 +172,17 @@ async fn request(
     token: &str,
     csr_pem: &str,
 ) -> anyhow::Result<IssueResponse> {
-    let client = match &args.ca {
-        Some(path) => {
+    let client = match (&args.ca, &args.ca_configmap) {
+        (Some(path), _) => {
             let pem = std::fs::read_to_string(path)
                 .with_context(|| format!("reading --ca {}", path.display()))?;
             HttpsClient::with_roots_pem(&pem)
         }
-        None => HttpsClient::system(),
+        (None, Some(configmap)) => {
+            let pem = ca_from_configmap(configmap, args.kubeconfig.as_deref()).await?;
+            HttpsClient::with_roots_pem(&pem)
+        }
+        (None, None) => HttpsClient::system(),
     }
     .context("trust anchors for the certificate API")?;
     let url = format!(
@@ -193,6 +212,28 @@ async fn request(
         }
     }
     serde_json::from_slice(&response.body).context("the certificate API's answer is not understood")
+}
+
+/// The `ca.crt` of ConfigMap `NAMESPACE/NAME`, read through the API server.
+async fn ca_from_configmap(configmap: &str, kubeconfig: Option<&Path>) -> anyhow::Result<String> {
+    let Some((namespace, name)) = configmap.split_once('/') else {
+        bail!("--ca-configmap must be NAMESPACE/NAME, not {configmap:?}");
+    };
+    let kube = match kubeconfig {
+        Some(path) => control::auth::KubeApi::from_kubeconfig(path),
+        None => control::auth::KubeApi::in_cluster(),
+    }
+    .context("reaching the API server for --ca-configmap")?;
+    let path = format!("/api/v1/namespaces/{namespace}/configmaps/{name}");
+    let answer = kube
+        .get(&path)
+        .await
+        .with_context(|| format!("reading ConfigMap {configmap}"))?;
+    let key = control::certapi::serving::CA_CONFIGMAP_KEY;
+    match answer["data"][key].as_str() {
+        Some(pem) if pem.contains("BEGIN CERTIFICATE") => Ok(pem.to_owned()),
+        _ => bail!("ConfigMap {configmap} has no certificate under {key}"),
+    }
 }
 
 fn print_usage(dir: &Path, endpoint: &str) {

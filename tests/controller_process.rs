@@ -31,6 +31,8 @@ impl Replica {
                 ns,
                 "--lease-namespace",
                 ns,
+                "--gateway-secret-namespace",
+                ns,
                 "--identity",
                 identity,
             ])
@@ -40,6 +42,8 @@ impl Replica {
                 "--retry-period",
                 "300ms",
                 "--listen",
+                "127.0.0.1:0",
+                "--certapi-listen",
                 "127.0.0.1:0",
             ])
             .stdin(Stdio::null())
@@ -163,11 +167,12 @@ async fn two_replicas_one_leader_and_takeover_when_it_stops() {
     .await;
     for replica in [&a, &b] {
         assert_eq!(http_get(replica.admin, "/healthz").await.0, 200);
-        assert_eq!(
-            http_get(replica.admin, "/readyz").await.0,
-            200,
-            "a standby is ready too"
-        );
+        // Ready once its certificate API serves (caches synced, certificate in place): a
+        // standby is ready too, as it serves certificates.
+        wait_for("a standby ready too", Duration::from_secs(20), || async {
+            (http_get(replica.admin, "/readyz").await.0 == 200).then_some(())
+        })
+        .await;
     }
 
     let pools: Api<BuildKitPool> = Api::namespaced(client.clone(), &ns);

@@ -76,7 +76,9 @@ async fn build_sleep_build(
     install_crd(&client).await;
     let ns = TestNamespace::create(&client, &format!("bkp-bk-{}", kind.to_lowercase())).await;
     let dir = tempfile::tempdir().unwrap();
+    // Admin needs no separate namespace for the gateway's Secret copies: the pool's will do.
     let controller = Controller::start(
+        &ns.name,
         &ns.name,
         &admin_kubeconfig(),
         &dir.path().join("controller.log"),
@@ -113,6 +115,7 @@ async fn build_sleep_build(
     let gateway = KillOnDrop(start_gateway(
         ip,
         ports,
+        &ns.name,
         &ns.name,
         &admin_kubeconfig(),
         dir.path(),
@@ -207,6 +210,7 @@ async fn slow_wake(n: u8, preface: bool) -> Option<(std::process::Output, Durati
     let dir = tempfile::tempdir().unwrap();
     let controller = Controller::start(
         &ns.name,
+        &ns.name,
         &admin_kubeconfig(),
         &dir.path().join("controller.log"),
     );
@@ -246,6 +250,7 @@ async fn slow_wake(n: u8, preface: bool) -> Option<(std::process::Output, Durati
     let gateway = KillOnDrop(start_gateway(
         ip,
         ports,
+        &ns.name,
         &ns.name,
         &admin_kubeconfig(),
         dir.path(),

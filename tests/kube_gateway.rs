@@ -18,8 +18,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cluster::{
-    TestNamespace, eventually, install_crd, install_rbac, service_account_token, test_client,
-    test_config,
+    TestNamespace, deployed_namespaces, eventually, install_crd, install_rbac_in,
+    service_account_token, test_client, test_config,
 };
 use control::crd::{BuildKitPool, Phase};
 use control::kubelet::Kubelet;
@@ -27,7 +27,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use kube::Client;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use support::http_get;
 use support::k8s::{
@@ -83,8 +83,11 @@ async fn a_held_connection_wakes_the_pool_and_an_idle_pool_drains_to_zero() {
     install_crd(&client).await;
     let ns = TestNamespace::create(&client, "bkp-e2e").await;
     let dir = tempfile::tempdir().unwrap();
-    let gateway_role = install_rbac(&client, &ns.name, "rbac-gateway.yaml").await;
-    let controller_role = install_rbac(&client, &ns.name, "rbac-controller.yaml").await;
+    // The gateway's Secrets are published in a namespace of their own.
+    let published = TestNamespace::create(&client, "bkp-e2e-gws").await;
+    let moves = deployed_namespaces(&ns.name, &published.name);
+    let gateway_role = install_rbac_in(&client, &moves, &ns.name, "rbac-gateway.yaml").await;
+    let controller_role = install_rbac_in(&client, &moves, &ns.name, "rbac-controller.yaml").await;
     let gateway_kubeconfig = kubeconfig_with_token(
         dir.path(),
         &service_account_token(&client, &ns.name, "bkpool-gateway").await,
@@ -104,6 +107,10 @@ async fn a_held_connection_wakes_the_pool_and_an_idle_pool_drains_to_zero() {
             &ns.name,
             "--lease-namespace",
             &ns.name,
+            "--gateway-secret-namespace",
+            &published.name,
+            "--certapi-listen",
+            "127.0.0.1:0",
         ])
         .args(["--listen", "127.0.0.1:0", "--identity", "e2e"])
         .args(["--activity-interval", "300ms", "--drain-settle", "2s"])
@@ -138,8 +145,22 @@ async fn a_held_connection_wakes_the_pool_and_an_idle_pool_drains_to_zero() {
     let (g1, g2) = (loopback(0, 1), loopback(0, 2));
     let ports = free_ports(g1);
     let gateways = [
-        start_gateway(g1, ports, &ns.name, &gateway_kubeconfig, dir.path()),
-        start_gateway(g2, ports, &ns.name, &gateway_kubeconfig, dir.path()),
+        start_gateway(
+            g1,
+            ports,
+            &ns.name,
+            &published.name,
+            &gateway_kubeconfig,
+            dir.path(),
+        ),
+        start_gateway(
+            g2,
+            ports,
+            &ns.name,
+            &published.name,
+            &gateway_kubeconfig,
+            dir.path(),
+        ),
     ];
     for g in &gateways {
         eventually("gateway ready after its first sync", WAIT, || async {
@@ -270,6 +291,10 @@ async fn a_held_connection_wakes_the_pool_and_an_idle_pool_drains_to_zero() {
         sa_secrets.get(&format!("{POOL}-client-ca")).await.map(drop),
         "get a CA Secret",
     );
+    forbidden(
+        sa_secrets.list(&ListParams::default()).await.map(drop),
+        "list the Secrets of a pool's namespace (CA keys)",
+    );
     let sa_pods: Api<Pod> = Api::namespaced(sa_client, &ns.name);
     forbidden(
         sa_pods
@@ -292,6 +317,7 @@ async fn a_held_connection_wakes_the_pool_and_an_idle_pool_drains_to_zero() {
         let _ = roles.delete(&name, &DeleteParams::default()).await;
     }
     ns.delete_after(kubelet).await;
+    published.delete().await;
 }
 
 fn gateways_listen(ip: IpAddr, port: u16) -> SocketAddr {

@@ -8,8 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use control::auth::jwks::{JwksCache, JwksLimits};
-use control::auth::ratelimit::{RateLimit, RateLimiter};
-use control::auth::{AuthError, Authenticator, KubeApi, Method, PoolAuth};
+use control::auth::{AuthError, Authenticator, KubeApi, Method, PoolAuth, ServiceAccounts};
 use control::certapi::handlers::IssueResponse;
 use control::certapi::{ApiMetrics, ApiState, NoWarmer, PoolEntry, StaticDirectory};
 use control::https::HttpsClient;
@@ -114,14 +113,16 @@ impl Stage {
 impl Drop for Stage {
     fn drop(&mut self) {
         let (kube, ns) = (self.kube.clone(), self.ns.clone());
-        // Namespace deletion takes seconds; nobody waits for it.
-        std::thread::spawn(move || {
+        // The DELETE is answered at once (nobody waits for the namespace to go). The thread is
+        // joined: one still running when the test process exits aborts it.
+        let deleting = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
             rt.block_on(kube.delete(&format!("/api/v1/namespaces/{ns}")))
         });
+        let _ = deleting.join();
     }
 }
 
@@ -134,7 +135,7 @@ fn authenticator(kube: KubeApi) -> Authenticator {
 
 fn sa_only() -> PoolAuth {
     PoolAuth {
-        serviceaccounts: true,
+        serviceaccounts: ServiceAccounts::Rbac,
         issuers: Vec::new(),
     }
 }
@@ -182,7 +183,7 @@ async fn serviceaccounts_are_reviewed_for_the_audience_and_authorized_by_rbac() 
             "token for another audience",
             &wrong_audience,
             pool.clone(),
-            AuthError::TokenRejected,
+            AuthError::WrongAudience,
         ),
         (
             "account without a binding",
@@ -224,19 +225,21 @@ async fn a_serviceaccount_gets_a_certificate_naming_it_through_the_api() {
     let token = stage.token("builder", AUDIENCE).await;
     let entry = PoolEntry {
         id: pool.clone(),
-        ca: Arc::new(Ca::generate("client CA", Duration::from_secs(3600)).unwrap()),
+        ca: Ok(Arc::new(
+            Ca::generate("client CA", Duration::from_secs(3600)).unwrap(),
+        )),
         max_ttl: Duration::from_secs(3600),
         auth: sa_only(),
         endpoints: vec!["127.0.0.1:8443".into()],
         gateway_ca_pem: "GATEWAY CA".into(),
     };
-    let state = ApiState {
-        directory: Arc::new(StaticDirectory::new([entry])),
-        warmer: Arc::new(NoWarmer),
-        auth: authenticator(kube),
-        limiter: RateLimiter::new(RateLimit::default()),
-        metrics: ApiMetrics::unregistered(),
-    };
+    let state = ApiState::new(
+        Arc::new(StaticDirectory::new([entry])),
+        Arc::new(NoWarmer),
+        authenticator(kube),
+        ApiMetrics::unregistered(),
+    )
+    .generating_keys(true);
     let router = control::certapi::router(Arc::new(state));
     let uri = format!("/v1/namespaces/{}/pools/app/certificates", stage.ns);
     let mut last = (StatusCode::IM_A_TEAPOT, Value::Null);

@@ -11,11 +11,13 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use control::auth::jwks::{JwksCache, JwksLimits};
-use control::auth::ratelimit::{RateLimit, RateLimiter};
+use control::auth::ratelimit::RateLimit;
 use control::auth::rules::{ClaimRules, RawPatterns};
-use control::auth::{AuthMetrics, Authenticator, OidcTrust, PoolAuth};
+use control::auth::{AuthMetrics, Authenticator, OidcTrust, PoolAuth, ServiceAccounts};
 use control::certapi::handlers::{IssueResponse, PoolList};
-use control::certapi::{ApiMetrics, ApiState, PoolEntry, StaticDirectory, WarmReason, Warmer};
+use control::certapi::{
+    ApiMetrics, ApiState, Limits, PoolEntry, StaticDirectory, WarmReason, Warmer,
+};
 use control::pki::Ca;
 use http_body_util::BodyExt;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -64,10 +66,12 @@ fn trust(issuer: &str, rules: &[(&str, &str)]) -> OidcTrust {
 fn pool(id: &str, issuers: Vec<OidcTrust>, max_ttl: Duration) -> PoolEntry {
     PoolEntry {
         id: id.parse().unwrap(),
-        ca: Arc::new(Ca::generate(&format!("client CA {id}"), 24 * HOUR).unwrap()),
+        ca: Ok(Arc::new(
+            Ca::generate(&format!("client CA {id}"), 24 * HOUR).unwrap(),
+        )),
         max_ttl,
         auth: PoolAuth {
-            serviceaccounts: false,
+            serviceaccounts: ServiceAccounts::Closed,
             issuers,
         },
         endpoints: vec!["127.0.0.1:8443".into()],
@@ -77,10 +81,10 @@ fn pool(id: &str, issuers: Vec<OidcTrust>, max_ttl: Duration) -> PoolEntry {
 
 impl Api {
     async fn start() -> Self {
-        Self::with(RateLimit::default()).await
+        Self::with(Limits::default()).await
     }
 
-    async fn with(limit: RateLimit) -> Self {
+    async fn with(rate_limits: Limits) -> Self {
         let issuer = TestIssuer::start().await;
         let key = SigningKey::rsa("k1");
         issuer.publish("a", &[&key]);
@@ -114,14 +118,16 @@ impl Api {
         let mut registry = Registry::default();
         let auth_metrics = AuthMetrics::register(&mut registry, &jwks);
         let warmer = Arc::new(RecordingWarmer::default());
-        let state = ApiState {
-            directory: Arc::new(directory),
-            warmer: warmer.clone(),
-            auth: Authenticator::new(jwks.clone(), None, vec!["bkpool".into()])
-                .with_metrics(auth_metrics),
-            limiter: RateLimiter::new(limit),
-            metrics: ApiMetrics::register(&mut registry),
-        };
+        let auth = Authenticator::new(jwks.clone(), None, vec!["bkpool".into()])
+            .with_metrics(auth_metrics);
+        let state = ApiState::new(
+            Arc::new(directory),
+            warmer.clone(),
+            auth,
+            ApiMetrics::register(&mut registry),
+        )
+        .with_limits(rate_limits)
+        .generating_keys(true);
         Self {
             issuer,
             key,
@@ -252,6 +258,14 @@ async fn a_good_token_and_a_csr_get_a_short_lived_certificate_for_that_pool() {
             json!({"generate_key": true, "ttl": "7d"}),
         )
         .await;
+    assert_eq!(
+        (status, body["reason"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("ttl_above_cap")),
+        "longer than the pool allows: refused, not shortened"
+    );
+    let (status, body) = api
+        .issue("team-a/app", &token, json!({"generate_key": true}))
+        .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let answer: IssueResponse = serde_json::from_value(body).unwrap();
     assert!(answer.key.unwrap().contains("PRIVATE KEY"));
@@ -260,9 +274,10 @@ async fn a_good_token_and_a_csr_get_a_short_lived_certificate_for_that_pool() {
         &time::format_description::well_known::Rfc3339,
     )
     .unwrap();
+    let left = expires - time::OffsetDateTime::now_utc();
     assert!(
-        expires - time::OffsetDateTime::now_utc() <= time::Duration::hours(1),
-        "capped by the pool"
+        left <= time::Duration::hours(1) && left > time::Duration::minutes(58),
+        "the pool's maximum by default: {left}"
     );
 }
 
@@ -467,11 +482,12 @@ async fn every_bad_token_is_refused_with_its_own_reason() {
             "pool_not_found",
         ),
         (
+            // Answered as a pool with default rules (no issuer) would: not a pool's name.
             "probing for pools with a bad token",
             api.token_with(|c| c["exp"] = now_plus(-3600).into()),
             "team-a/nope",
             StatusCode::UNAUTHORIZED,
-            "token_expired",
+            "issuer_not_trusted",
         ),
         (
             "probing another namespace for pools",
@@ -511,9 +527,10 @@ async fn every_bad_token_is_refused_with_its_own_reason() {
         ),
         "{metrics}"
     );
+    // The operator sees the real reason of all three probes of missing pools.
     assert!(
         metrics
-            .contains(r#"bkpool_certapi_requests_denied_total{pool="",reason="pool_not_found"} 1"#),
+            .contains(r#"bkpool_certapi_requests_denied_total{pool="",reason="pool_not_found"} 3"#),
         "{metrics}"
     );
     assert!(
@@ -522,9 +539,10 @@ async fn every_bad_token_is_refused_with_its_own_reason() {
         ),
         "{metrics}"
     );
-    // Two good verifications: the probe for team-a/nope and the last request.
+    // One good verification: the last request (the probe for team-a/nope only asks whether
+    // the token opens some pool of the namespace).
     let verified =
-        r#"bkpool_certapi_token_verification_duration_seconds_count{method="oidc",result="ok"} 2"#;
+        r#"bkpool_certapi_token_verification_duration_seconds_count{method="oidc",result="ok"} 1"#;
     assert!(metrics.contains(verified), "{metrics}");
     assert!(
         metrics.contains(r#"bkpool_certapi_jwks_fetches_total{result="ok"}"#),
@@ -806,10 +824,13 @@ async fn listing_shows_only_usable_pools_and_wake_warms() {
 
 #[tokio::test]
 async fn each_identity_is_rate_limited_on_its_own() {
-    let api = Api::with(RateLimit {
-        burst: 2,
-        per: HOUR,
-        max_identities: 100,
+    let api = Api::with(Limits {
+        identities: RateLimit {
+            burst: 2,
+            per: HOUR,
+            max_identities: 100,
+        },
+        ..Limits::default()
     })
     .await;
     let mine = api.token_with(|_| {});

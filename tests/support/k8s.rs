@@ -56,11 +56,13 @@ pub fn kubeconfig_with_token(dir: &Path, token: &str) -> PathBuf {
     out
 }
 
-/// One `bkpool gateway --kubernetes` replica serving `ns` on `ip`.
+/// One `bkpool gateway --kubernetes` replica serving `ns` on `ip`, reading the copies of its
+/// Secrets the controller publishes in `secret_ns`.
 pub fn start_gateway(
     ip: IpAddr,
     ports: (u16, u16),
     ns: &str,
+    secret_ns: &str,
     kubeconfig: &Path,
     dir: &Path,
 ) -> Listening {
@@ -76,7 +78,7 @@ pub fn start_gateway(
     let mut command = Command::new(env!("CARGO_BIN_EXE_bkpool"));
     command
         .args(["--log-format", "json", "gateway", "--kubernetes"])
-        .args(["--namespace", ns])
+        .args(["--namespace", ns, "--secret-namespace", secret_ns])
         .arg("--kubeconfig")
         .arg(kubeconfig)
         .arg("--config")
@@ -103,13 +105,16 @@ impl Drop for KillOnDrop {
 }
 
 /// `bkpool controller` (reconcilers and scaler) for `ns`, polling the gateways' activity
-/// every 300 ms and draining after 2 s; its log goes to `log`. Killed on drop.
+/// every 300 ms and draining after 2 s; it publishes the gateways' Secrets in `secret_ns` and
+/// serves its certificate API on a free loopback port; its log goes to `log`. Killed on drop.
 pub struct Controller(Child);
 
 impl Controller {
-    pub fn start(ns: &str, kubeconfig: &Path, log: &Path) -> Self {
+    pub fn start(ns: &str, secret_ns: &str, kubeconfig: &Path, log: &Path) -> Self {
         let child = Command::new(env!("CARGO_BIN_EXE_bkpool"))
             .args(["controller", "--namespace", ns, "--lease-namespace", ns])
+            .args(["--gateway-secret-namespace", secret_ns])
+            .args(["--certapi-listen", "127.0.0.1:0"])
             .args(["--listen", "127.0.0.1:0", "--identity", "e2e"])
             .args(["--activity-interval", "300ms", "--drain-settle", "2s"])
             .arg("--kubeconfig")

@@ -2,7 +2,9 @@
 //! (`authentication.k8s.io/v1`) to authenticate a ServiceAccount token for bkpool's audiences,
 //! and SubjectAccessReview (`authorization.k8s.io/v1`) to ask whether that account may
 //! `create` `buildkitpools/certificates` (group `bkpool.dev`) on a pool, so plain RBAC Roles
-//! grant access.
+//! grant access (or `list` `buildkitpools`, to know which pools exist). [`KubeAuth`] is the
+//! seam: [`KubeApi`] (the standalone API's own small client) and the operator's
+//! `kube::Client` both implement it against a real API server.
 //!
 //! The client is deliberately small: HTTPS to one API server with a bearer token (re-read from
 //! its file on each call, as projected tokens rotate) or a client certificate, from the
@@ -11,6 +13,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+
+use futures::future::BoxFuture;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -24,6 +28,57 @@ pub const GROUP: &str = "bkpool.dev";
 pub const RESOURCE: &str = "buildkitpools";
 pub const SUBRESOURCE: &str = "certificates";
 pub const VERB: &str = "create";
+
+/// The reviews the certificate API asks the API server for.
+pub trait KubeAuth: Send + Sync + 'static {
+    /// Authenticates `token` for `audiences` (TokenReview).
+    fn review_token<'a>(
+        &'a self,
+        token: &'a str,
+        audiences: &'a [String],
+    ) -> BoxFuture<'a, Result<Review, KubeError>>;
+
+    /// Whether `user` may do `access` (SubjectAccessReview).
+    fn review_access<'a>(
+        &'a self,
+        user: &'a ReviewedUser,
+        access: &'a Access,
+    ) -> BoxFuture<'a, Result<bool, KubeError>>;
+}
+
+/// What a SubjectAccessReview asks about, in group `bkpool.dev`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Access {
+    pub namespace: String,
+    pub verb: &'static str,
+    pub resource: &'static str,
+    pub subresource: Option<&'static str>,
+    pub name: Option<String>,
+}
+
+impl Access {
+    /// `create` on `buildkitpools/certificates` of pool `name`: may have certificates for it.
+    pub fn certificates(namespace: &str, name: &str) -> Self {
+        Self {
+            namespace: namespace.to_owned(),
+            verb: VERB,
+            resource: RESOURCE,
+            subresource: Some(SUBRESOURCE),
+            name: Some(name.to_owned()),
+        }
+    }
+
+    /// `list` on `buildkitpools` in `namespace`: may know which pools exist there.
+    pub fn list_pools(namespace: &str) -> Self {
+        Self {
+            namespace: namespace.to_owned(),
+            verb: "list",
+            resource: RESOURCE,
+            subresource: None,
+            name: None,
+        }
+    }
+}
 
 const IN_CLUSTER_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
@@ -76,6 +131,8 @@ pub enum KubeError {
     Status { what: &'static str, status: u16 },
     #[error("API server's answer to {what} is not what was expected")]
     Decode { what: &'static str },
+    #[error("API server request for {what} failed: {message}")]
+    Client { what: &'static str, message: String },
 }
 
 /// The result of a TokenReview.
@@ -187,52 +244,19 @@ impl KubeApi {
         });
         let url = format!("{}/apis/authentication.k8s.io/v1/tokenreviews", self.server);
         let status = self.post(&url, &body, "TokenReview").await?;
-        let status: TokenReviewStatus =
-            serde_json::from_value(status).map_err(|_| KubeError::Decode {
-                what: "TokenReview",
-            })?;
-        if !status.authenticated {
-            return Ok(Review::Rejected);
-        }
-        let audience_ok =
-            audiences.is_empty() || status.audiences.iter().any(|a| audiences.contains(a));
-        if !audience_ok {
-            return Ok(Review::Rejected);
-        }
-        let user = status.user.unwrap_or_default();
-        Ok(Review::Authenticated(ReviewedUser {
-            username: user.username,
-            uid: user.uid,
-            groups: user.groups,
-            extra: user.extra,
-            audiences: status.audiences,
-        }))
+        review_answer(status, audiences)
     }
 
-    /// Whether `user` may `create` `buildkitpools/certificates` on pool `name` in `namespace`.
-    pub async fn may_get_certificates(
+    /// Whether `user` may do `access` (SubjectAccessReview).
+    pub async fn review_access(
         &self,
         user: &ReviewedUser,
-        namespace: &str,
-        name: &str,
+        access: &Access,
     ) -> Result<bool, KubeError> {
         let body = json!({
             "apiVersion": "authorization.k8s.io/v1",
             "kind": "SubjectAccessReview",
-            "spec": {
-                "user": user.username,
-                "uid": user.uid,
-                "groups": user.groups,
-                "extra": user.extra,
-                "resourceAttributes": {
-                    "namespace": namespace,
-                    "verb": VERB,
-                    "group": GROUP,
-                    "resource": RESOURCE,
-                    "subresource": SUBRESOURCE,
-                    "name": name,
-                },
-            },
+            "spec": access_review_spec(user, access),
         });
         let url = format!(
             "{}/apis/authorization.k8s.io/v1/subjectaccessreviews",
@@ -240,6 +264,23 @@ impl KubeApi {
         );
         let status = self.post(&url, &body, "SubjectAccessReview").await?;
         Ok(status.get("allowed").and_then(Value::as_bool) == Some(true))
+    }
+
+    /// `GET`s `path` (e.g. `/api/v1/namespaces/x/configmaps/y`) and returns the whole answer.
+    pub async fn get(&self, path: &str) -> Result<Value, KubeError> {
+        let url = format!("{}{path}", self.server);
+        let token = self.token()?;
+        let response = self
+            .http
+            .send(http::Method::GET, &url, token.as_deref(), None)
+            .await?;
+        if !response.status.is_success() {
+            return Err(KubeError::Status {
+                what: "get",
+                status: response.status.as_u16(),
+            });
+        }
+        serde_json::from_slice(&response.body).map_err(|_| KubeError::Decode { what: "get" })
     }
 
     /// The API server's base URL.
@@ -297,6 +338,141 @@ impl KubeApi {
             });
         }
         serde_json::from_slice(&response.body).map_err(|_| KubeError::Decode { what })
+    }
+}
+
+/// What a TokenReview's `status` says: a user only when it is authenticated for one of
+/// `audiences` (the API server checks them too; this refuses a server that did not).
+fn review_answer(status: Value, audiences: &[String]) -> Result<Review, KubeError> {
+    let status: TokenReviewStatus =
+        serde_json::from_value(status).map_err(|_| KubeError::Decode {
+            what: "TokenReview",
+        })?;
+    if !status.authenticated {
+        return Ok(Review::Rejected);
+    }
+    let audience_ok =
+        audiences.is_empty() || status.audiences.iter().any(|a| audiences.contains(a));
+    if !audience_ok {
+        return Ok(Review::Rejected);
+    }
+    let user = status.user.unwrap_or_default();
+    Ok(Review::Authenticated(ReviewedUser {
+        username: user.username,
+        uid: user.uid,
+        groups: user.groups,
+        extra: user.extra,
+        audiences: status.audiences,
+    }))
+}
+
+/// The SubjectAccessReview `spec` asking whether `user` may do `access`.
+fn access_review_spec(user: &ReviewedUser, access: &Access) -> Value {
+    json!({
+        "user": user.username,
+        "uid": user.uid,
+        "groups": user.groups,
+        "extra": user.extra,
+        "resourceAttributes": {
+            "namespace": access.namespace,
+            "verb": access.verb,
+            "group": GROUP,
+            "resource": access.resource,
+            "subresource": access.subresource.unwrap_or_default(),
+            "name": access.name.as_deref().unwrap_or_default(),
+        },
+    })
+}
+
+/// The operator's client: the certificate API in `bkpool controller` reviews with the same
+/// connection and credentials as the reconcilers.
+impl KubeAuth for kube::Client {
+    fn review_token<'a>(
+        &'a self,
+        token: &'a str,
+        audiences: &'a [String],
+    ) -> BoxFuture<'a, Result<Review, KubeError>> {
+        Box::pin(async move {
+            let review = json!({
+                "apiVersion": "authentication.k8s.io/v1",
+                "kind": "TokenReview",
+                "spec": {"token": token, "audiences": audiences},
+            });
+            let answer = post_review(
+                self,
+                "/apis/authentication.k8s.io/v1/tokenreviews",
+                &review,
+                "TokenReview",
+            )
+            .await?;
+            review_answer(answer, audiences)
+        })
+    }
+
+    fn review_access<'a>(
+        &'a self,
+        user: &'a ReviewedUser,
+        access: &'a Access,
+    ) -> BoxFuture<'a, Result<bool, KubeError>> {
+        Box::pin(async move {
+            let review = json!({
+                "apiVersion": "authorization.k8s.io/v1",
+                "kind": "SubjectAccessReview",
+                "spec": access_review_spec(user, access),
+            });
+            let path = "/apis/authorization.k8s.io/v1/subjectaccessreviews";
+            let answer = post_review(self, path, &review, "SubjectAccessReview").await?;
+            Ok(answer.get("allowed").and_then(Value::as_bool) == Some(true))
+        })
+    }
+}
+
+/// `POST`s a review through `client` and returns its `status`.
+async fn post_review(
+    client: &kube::Client,
+    path: &str,
+    review: &Value,
+    what: &'static str,
+) -> Result<Value, KubeError> {
+    let body = serde_json::to_vec(review).map_err(|_| KubeError::Decode { what })?;
+    let request = http::Request::post(path)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .map_err(|e| KubeError::Client {
+            what,
+            message: e.to_string(),
+        })?;
+    let mut answer: Value = client.request(request).await.map_err(|e| match e {
+        kube::Error::Api(status) => KubeError::Status {
+            what,
+            status: status.code,
+        },
+        other => KubeError::Client {
+            what,
+            message: other.to_string(),
+        },
+    })?;
+    Ok(answer
+        .get_mut("status")
+        .map(Value::take)
+        .unwrap_or(Value::Object(Default::default())))
+}
+
+impl KubeAuth for KubeApi {
+    fn review_token<'a>(
+        &'a self,
+        token: &'a str,
+        audiences: &'a [String],
+    ) -> BoxFuture<'a, Result<Review, KubeError>> {
+        Box::pin(KubeApi::review_token(self, token, audiences))
+    }
+
+    fn review_access<'a>(
+        &'a self,
+        user: &'a ReviewedUser,
+        access: &'a Access,
+    ) -> BoxFuture<'a, Result<bool, KubeError>> {
+        Box::pin(KubeApi::review_access(self, user, access))
     }
 }
 

@@ -5,19 +5,26 @@
 //! - [`jwks`]: discovery and the bounded, single-flight JWKS cache of trusted issuers.
 //! - [`oidc`]: signature and registered-claim checks for one trusted issuer.
 //! - [`kube`]: TokenReview and SubjectAccessReview against the API server.
+//! - [`serviceaccount`]: which ServiceAccounts a pool lets in, and their reviews.
+//! - [`review`]: the short-lived, bounded memory of review answers.
+//! - [`bearer`]: a token read once per request.
 //! - [`static_tokens`]: local mode's token file.
-//! - [`ratelimit`]: the per-identity token bucket.
+//! - [`ratelimit`]: the token buckets (per identity, per source).
 //!
-//! [`Authenticator::authorize`] is the one entry point: it takes a bearer token and the
+//! [`Authenticator::admit`] is the one entry point: it takes a request's [`Bearer`] and the
 //! target pool's [`PoolAuth`], and only that pool's rules are consulted, so an issuer trusted
-//! by a pool in namespace A grants nothing in namespace B.
+//! by a pool in namespace A grants nothing in namespace B. However many pools one request
+//! looks at, its token is reviewed by the API server at most once.
 
+pub mod bearer;
 pub mod jwks;
 pub mod jwt;
 pub mod kube;
 pub mod oidc;
 pub mod ratelimit;
+pub mod review;
 pub mod rules;
+pub mod serviceaccount;
 pub mod static_tokens;
 
 use std::sync::Arc;
@@ -29,16 +36,22 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 use proxy::names::{ClientIdentity, PoolId};
 
+pub use bearer::Bearer;
 pub use jwks::{JwksCache, JwksLimits};
-pub use kube::KubeApi;
+pub use kube::{Access, KubeApi, KubeAuth, ReviewedUser};
+pub use review::CacheLimits;
 pub use rules::ClaimRules;
+pub use serviceaccount::{ServiceAccountName, ServiceAccounts};
 pub use static_tokens::StaticTokens;
+
+use bearer::Presented;
+use serviceaccount::Reviewer;
 
 /// How a pool lets callers in.
 #[derive(Debug, Clone, Default)]
 pub struct PoolAuth {
-    /// Kubernetes ServiceAccounts, through TokenReview and SubjectAccessReview.
-    pub serviceaccounts: bool,
+    /// Kubernetes ServiceAccounts: none, a list, or whoever RBAC allows.
+    pub serviceaccounts: ServiceAccounts,
     /// External OIDC issuers this pool trusts, each with its audiences and claim rules.
     pub issuers: Vec<OidcTrust>,
 }
@@ -111,6 +124,8 @@ pub enum AuthError {
     TokenRejected,
     #[error("only ServiceAccount tokens are accepted from the API server")]
     NotServiceAccount,
+    #[error("this pool does not list the caller's ServiceAccount")]
+    ServiceAccountNotListed,
     #[error("RBAC does not allow create on buildkitpools/certificates for this pool")]
     AccessDenied,
     #[error("the Kubernetes API server is unavailable")]
@@ -150,6 +165,7 @@ impl AuthError {
             Self::PoolNotAllowed => "pool_not_allowed",
             Self::TokenRejected => "token_rejected",
             Self::NotServiceAccount => "not_serviceaccount",
+            Self::ServiceAccountNotListed => "serviceaccount_not_listed",
             Self::AccessDenied => "access_denied",
             Self::KubeUnavailable => "kube_unavailable",
         }
@@ -157,9 +173,10 @@ impl AuthError {
 
     pub fn refusal(&self) -> Refusal {
         match self {
-            Self::ClaimRuleMismatch(_) | Self::PoolNotAllowed | Self::AccessDenied => {
-                Refusal::Forbidden
-            }
+            Self::ClaimRuleMismatch(_)
+            | Self::PoolNotAllowed
+            | Self::AccessDenied
+            | Self::ServiceAccountNotListed => Refusal::Forbidden,
             Self::KubeUnavailable => Refusal::Unavailable,
             Self::Jwks(e) if !matches!(e, jwks::JwksError::UnknownKey) => Refusal::Unavailable,
             _ => Refusal::Unauthenticated,
@@ -213,8 +230,9 @@ impl AuthMetrics {
 #[derive(Debug)]
 pub struct Authenticator {
     jwks: Arc<JwksCache>,
-    kube: Option<KubeApi>,
+    reviewer: Option<Reviewer>,
     audiences: Vec<String>,
+    limits: CacheLimits,
     static_tokens: StaticTokens,
     metrics: Option<AuthMetrics>,
 }
@@ -229,16 +247,45 @@ impl Method {
     }
 }
 
+/// How far [`Authenticator::admit`] may go to decide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Depth {
+    /// Every check, SubjectAccessReviews included.
+    Full,
+    /// Only what needs no question to RBAC (a pool in RBAC mode admits nobody here).
+    WithoutRbac,
+}
+
 impl Authenticator {
     /// `audiences` are what ServiceAccount tokens must be issued for (TokenReview).
     pub fn new(jwks: Arc<JwksCache>, kube: Option<KubeApi>, audiences: Vec<String>) -> Self {
+        let limits = CacheLimits::default();
+        let reviewer = kube
+            .map(|k| Reviewer::new(Arc::new(k) as Arc<dyn KubeAuth>, audiences.clone(), limits));
         Self {
             jwks,
-            kube,
+            reviewer,
             audiences,
+            limits,
             static_tokens: StaticTokens::default(),
             metrics: None,
         }
+    }
+
+    /// Asks `kube` for reviews instead (for example a client of another API server).
+    pub fn with_kube(mut self, kube: Arc<dyn KubeAuth>) -> Self {
+        self.reviewer = Some(Reviewer::new(kube, self.audiences.clone(), self.limits));
+        self
+    }
+
+    /// How long review answers are remembered.
+    pub fn with_cache_limits(mut self, limits: CacheLimits) -> Self {
+        self.limits = limits;
+        if let Some(reviewer) = self.reviewer.take() {
+            let kube = reviewer.kube();
+            self.reviewer = Some(Reviewer::new(kube, self.audiences.clone(), limits));
+        }
+        self
     }
 
     pub fn with_static_tokens(mut self, tokens: StaticTokens) -> Self {
@@ -255,54 +302,106 @@ impl Authenticator {
         &self.jwks
     }
 
-    /// Who holds `token`, if they may have certificates for `pool` under `auth`.
+    /// Reads `token` once for the whole request: a static token, or a JWT (not yet verified).
+    pub fn bearer<'t>(&self, token: &'t str) -> Result<Bearer<'t>, AuthError> {
+        if token.is_empty() {
+            return Err(AuthError::MissingToken);
+        }
+        if let Some(grant) = self.static_tokens.lookup(token) {
+            return Ok(Bearer::new(Presented::Static(grant)));
+        }
+        Ok(Bearer::new(Presented::Jwt(jwt::parse(token)?)))
+    }
+
+    /// Who holds `token`, if they may have certificates for `pool` under `auth` (one request,
+    /// one pool).
     pub async fn authorize(
         &self,
         token: &str,
         pool: &PoolId,
         auth: &PoolAuth,
     ) -> Result<Caller, AuthError> {
+        let bearer = self.bearer(token)?;
+        self.admit(&bearer, pool, auth).await
+    }
+
+    /// Who holds `bearer`, if they may have certificates for `pool` under `auth`. Only that
+    /// pool's rules are consulted. The API server reviews the token at most once per
+    /// `bearer`, however many pools are asked about.
+    pub async fn admit(
+        &self,
+        bearer: &Bearer<'_>,
+        pool: &PoolId,
+        auth: &PoolAuth,
+    ) -> Result<Caller, AuthError> {
         let started = Instant::now();
-        let (method, result) = self.authorize_inner(token, pool, auth).await;
+        let (method, result) = self.admit_at(bearer, pool, auth, Depth::Full).await;
         if let Some(m) = &self.metrics {
             m.observe(method, result.is_ok(), started);
         }
         result
     }
 
-    async fn authorize_inner(
+    /// Whether the caller may know which pools exist in `namespace`: it is admitted to one
+    /// of `pools` without asking RBAC (its token, its ServiceAccount or its claims name one),
+    /// or RBAC lets its ServiceAccount `list` `buildkitpools` there. Costs at most one
+    /// TokenReview and one SubjectAccessReview, whatever the number of pools.
+    pub async fn may_know_pools(
         &self,
-        token: &str,
+        bearer: &Bearer<'_>,
+        namespace: &str,
+        pools: &[(PoolId, PoolAuth)],
+    ) -> bool {
+        for (id, auth) in pools {
+            let (_, result) = self.admit_at(bearer, id, auth, Depth::WithoutRbac).await;
+            if result.is_ok() {
+                return true;
+            }
+        }
+        let (Some(reviewer), Some(jwt)) = (&self.reviewer, bearer.jwt()) else {
+            return false;
+        };
+        match self.reviewed(reviewer, bearer, jwt).await {
+            Ok(user) => reviewer
+                .allowed(&user, &Access::list_pools(namespace))
+                .await
+                .unwrap_or(false),
+            Err(_) => false,
+        }
+    }
+
+    async fn admit_at(
+        &self,
+        bearer: &Bearer<'_>,
         pool: &PoolId,
         auth: &PoolAuth,
+        depth: Depth,
     ) -> (&'static str, Result<Caller, AuthError>) {
-        if token.is_empty() {
-            return ("none", Err(AuthError::MissingToken));
-        }
-        if let Some(grant) = self.static_tokens.lookup(token) {
-            let result = if grant.allows(pool) {
-                Ok(Caller {
-                    identity: grant.identity,
-                    method: Method::StaticToken,
-                })
-            } else {
-                Err(AuthError::PoolNotAllowed)
-            };
-            return (Method::StaticToken.label(), result);
-        }
-        let jwt = match jwt::parse(token) {
-            Ok(jwt) => jwt,
-            Err(e) => return ("none", Err(e.into())),
+        let jwt = match &bearer.presented {
+            Presented::Static(grant) => {
+                let result = if grant.allows(pool) {
+                    Ok(Caller {
+                        identity: grant.identity.clone(),
+                        method: Method::StaticToken,
+                    })
+                } else {
+                    Err(AuthError::PoolNotAllowed)
+                };
+                return (Method::StaticToken.label(), result);
+            }
+            Presented::Jwt(jwt) => jwt,
         };
         let trusted: Vec<&OidcTrust> = auth
             .issuers
             .iter()
             .filter(|t| jwt.issuer() == Some(t.issuer.as_str()))
             .collect();
-        match (trusted.is_empty(), &self.kube) {
-            (false, _) => (Method::Oidc.label(), self.oidc_any(&jwt, &trusted).await),
-            (true, Some(kube)) if auth.serviceaccounts => {
-                let result = self.serviceaccount(kube, token, pool).await;
+        match (trusted.is_empty(), &self.reviewer) {
+            (false, _) => (Method::Oidc.label(), self.oidc_any(jwt, &trusted).await),
+            (true, Some(reviewer)) if auth.serviceaccounts.accepts_any() => {
+                let result = self
+                    .serviceaccount(reviewer, bearer, jwt, pool, &auth.serviceaccounts, depth)
+                    .await;
                 (Method::ServiceAccount.label(), result)
             }
             _ => ("none", Err(AuthError::IssuerNotTrusted)),
@@ -344,35 +443,48 @@ impl Authenticator {
 
     async fn serviceaccount(
         &self,
-        kube: &KubeApi,
-        token: &str,
+        reviewer: &Reviewer,
+        bearer: &Bearer<'_>,
+        jwt: &jwt::UnverifiedJwt<'_>,
         pool: &PoolId,
+        accounts: &ServiceAccounts,
+        depth: Depth,
     ) -> Result<Caller, AuthError> {
-        let unavailable = |e: kube::KubeError| {
-            tracing::warn!(error = %e, "Kubernetes API call failed");
-            AuthError::KubeUnavailable
+        let user = self.reviewed(reviewer, bearer, jwt).await?;
+        let admitted = match (accounts, depth) {
+            (ServiceAccounts::Listed(list), _) => {
+                list.iter().any(|sa| sa.username() == user.username)
+            }
+            (ServiceAccounts::Rbac, Depth::Full) => {
+                let access = Access::certificates(pool.namespace(), pool.name());
+                reviewer.allowed(&user, &access).await?
+            }
+            (ServiceAccounts::Rbac, Depth::WithoutRbac) | (ServiceAccounts::Closed, _) => false,
         };
-        let review = kube
-            .review_token(token, &self.audiences)
-            .await
-            .map_err(unavailable)?;
-        let kube::Review::Authenticated(user) = review else {
-            return Err(AuthError::TokenRejected);
-        };
-        if !user.username.starts_with("system:serviceaccount:") {
-            return Err(AuthError::NotServiceAccount);
-        }
-        let allowed = kube
-            .may_get_certificates(&user, pool.namespace(), pool.name())
-            .await
-            .map_err(unavailable)?;
-        if !allowed {
-            return Err(AuthError::AccessDenied);
+        if !admitted {
+            return Err(match accounts {
+                ServiceAccounts::Listed(_) => AuthError::ServiceAccountNotListed,
+                _ => AuthError::AccessDenied,
+            });
         }
         Ok(Caller {
             identity: ClientIdentity::new(&user.username).map_err(|_| AuthError::BadIdentity)?,
             method: Method::ServiceAccount,
         })
+    }
+
+    /// The TokenReview's answer for `bearer`, asked for once.
+    async fn reviewed(
+        &self,
+        reviewer: &Reviewer,
+        bearer: &Bearer<'_>,
+        jwt: &jwt::UnverifiedJwt<'_>,
+    ) -> Result<ReviewedUser, AuthError> {
+        bearer
+            .reviewed
+            .get_or_init(|| reviewer.user(jwt))
+            .await
+            .clone()
     }
 }
 

@@ -1,12 +1,13 @@
-//! The standalone certificate API's configuration (`bkpool certapi --config FILE`, local
-//! mode): parsed from TOML into typed values with every fault listed by field path, then
-//! assembled into a running API over the local PKI directory.
+//! The certificate API's configuration outside Kubernetes (`bkpool certapi --config FILE`):
+//! parsed from TOML into typed values with every fault listed by field path, then assembled
+//! into a running API over the local PKI directory.
 //!
 //! ```toml
 //! listen = "127.0.0.1:8444"
-//! pki_dir = "/var/lib/bkpool/pki"          # the same state directory as the gateway's
+//! pki_dir = "/var/lib/bkpool/pki"          # the gateway's PKI directory (required)
 //! endpoints = ["127.0.0.1:8443"]           # the gateway, as clients reach it
 //! static_tokens = "/etc/bkpool/tokens.toml" # optional
+//! # generate_keys = false                  # true: honour {"generate_key": true} (key leaves the server)
 //! # oidc_roots = "/etc/ssl/certs/ca-certificates.crt"  # CAs for OIDC issuers (default: system)
 //! # audiences = ["bkpool"]                 # what ServiceAccount tokens must be issued for
 //! # [kubernetes]                           # optional: ServiceAccount tokens
@@ -15,7 +16,7 @@
 //! [[pool]]
 //! name = "ci/default"
 //! max_ttl = "1h"
-//! serviceaccounts = true
+//! serviceaccounts = true                   # any account RBAC allows; or a list: ["builder", "tools/ci"]
 //! [[pool.oidc]]
 //! issuer = "https://token.actions.githubusercontent.com"
 //! audiences = ["bkpool"]
@@ -35,9 +36,11 @@ use serde::Deserialize;
 use super::directory::{DEFAULT_MAX_TTL, PoolEntry, StaticDirectory};
 use super::{ApiMetrics, ApiState, NoWarmer, Warmer};
 use crate::auth::jwks::{JwksCache, JwksLimits};
-use crate::auth::ratelimit::{RateLimit, RateLimiter};
 use crate::auth::rules::{ClaimRules, RawPatterns};
-use crate::auth::{AuthMetrics, Authenticator, KubeApi, OidcTrust, PoolAuth, StaticTokens};
+use crate::auth::{
+    AuthMetrics, Authenticator, KubeApi, OidcTrust, PoolAuth, ServiceAccountName, ServiceAccounts,
+    StaticTokens,
+};
 use crate::https::{HttpsClient, SYSTEM_ROOTS, is_https_url};
 use crate::pki::{Ca, LocalPki};
 
@@ -48,7 +51,9 @@ pub const MAX_TTL_CEILING: Duration = Duration::from_secs(24 * 3600);
 #[derive(Debug, Clone)]
 pub struct CertApiConfig {
     pub listen: SocketAddr,
-    pub pki_dir: PathBuf,
+    /// The gateway's PKI directory; required (a caller embedding the API may fill it in after
+    /// parsing).
+    pub pki_dir: Option<PathBuf>,
     pub endpoints: Vec<String>,
     pub audiences: Vec<String>,
     pub static_tokens: Option<PathBuf>,
@@ -56,6 +61,8 @@ pub struct CertApiConfig {
     pub kubernetes: Option<KubeSource>,
     pub server_names: Vec<String>,
     pub pools: Vec<PoolConfig>,
+    /// Whether the server may make a caller's key (`{"generate_key": true}`).
+    pub generate_keys: bool,
 }
 
 /// Where the API server is.
@@ -94,13 +101,16 @@ pub enum ConfigError {
     Roots(String),
     #[error("server certificate: {0}")]
     Tls(#[from] rustls::Error),
+    #[error("pki_dir: required (the gateway's PKI directory)")]
+    NoPkiDir,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     listen: String,
-    pki_dir: PathBuf,
+    #[serde(default)]
+    pki_dir: Option<PathBuf>,
     #[serde(default)]
     endpoints: Vec<String>,
     #[serde(default)]
@@ -115,6 +125,8 @@ struct RawConfig {
     server_names: Vec<String>,
     #[serde(default, rename = "pool")]
     pools: Vec<RawPool>,
+    #[serde(default)]
+    generate_keys: bool,
 }
 
 #[derive(Deserialize)]
@@ -133,11 +145,25 @@ struct RawPool {
     #[serde(default)]
     max_ttl: Option<String>,
     #[serde(default)]
-    serviceaccounts: bool,
+    serviceaccounts: RawServiceAccounts,
     #[serde(default)]
     endpoints: Option<Vec<String>>,
     #[serde(default)]
     oidc: Vec<RawOidc>,
+}
+
+/// `serviceaccounts = true` (whoever RBAC allows) or a list of `NAME` / `NAMESPACE/NAME`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawServiceAccounts {
+    Rbac(bool),
+    Listed(Vec<String>),
+}
+
+impl Default for RawServiceAccounts {
+    fn default() -> Self {
+        Self::Rbac(false)
+    }
 }
 
 #[derive(Deserialize)]
@@ -187,7 +213,10 @@ impl CertApiConfig {
                 None
             }
         };
-        let uses_kube = raw.pools.iter().any(|p| p.serviceaccounts);
+        let uses_kube = raw
+            .pools
+            .iter()
+            .any(|p| !matches!(p.serviceaccounts, RawServiceAccounts::Rbac(false)));
         let mut pools = Vec::new();
         for (i, p) in raw.pools.into_iter().enumerate() {
             if let Some(pool) = pool_config(i, p, &mut faults) {
@@ -195,12 +224,12 @@ impl CertApiConfig {
             }
         }
         if uses_kube && kubernetes.is_none() {
-            faults.push("pool: serviceaccounts = true needs a [kubernetes] section".into());
+            faults.push("pool: serviceaccounts needs a [kubernetes] section".into());
         }
         if raw.static_tokens.is_none() {
             for p in pools
                 .iter()
-                .filter(|p| !p.auth.serviceaccounts && p.auth.issuers.is_empty())
+                .filter(|p| !p.auth.serviceaccounts.accepts_any() && p.auth.issuers.is_empty())
             {
                 faults.push(format!(
                     "pool {}: no way in (set serviceaccounts = true, add [[pool.oidc]], or name it in static_tokens)",
@@ -223,6 +252,7 @@ impl CertApiConfig {
                 kubernetes,
                 server_names: raw.server_names,
                 pools,
+                generate_keys: raw.generate_keys,
             }),
             _ => Err(ConfigError::Invalid(faults)),
         }
@@ -230,7 +260,7 @@ impl CertApiConfig {
 
     fn resolve_paths(&mut self, base: &Path) {
         let join = |p: &mut PathBuf| *p = base.join(&*p);
-        join(&mut self.pki_dir);
+        self.pki_dir.iter_mut().for_each(join);
         self.static_tokens.iter_mut().for_each(join);
         self.oidc_roots.iter_mut().for_each(join);
         if let Some(KubeSource::Kubeconfig(p)) = &mut self.kubernetes {
@@ -259,14 +289,15 @@ pub fn assemble(
     registry: &mut Registry,
 ) -> Result<Assembled, ConfigError> {
     let ids: Vec<PoolId> = config.pools.iter().map(|p| p.id.clone()).collect();
-    let pki = LocalPki::open_or_init(&config.pki_dir, &ids, &config.server_names)?;
+    let pki_dir = config.pki_dir.as_ref().ok_or(ConfigError::NoPkiDir)?;
+    let pki = LocalPki::open_or_init(pki_dir, &ids, &config.server_names)?;
     let gateway_ca_pem = pki.gateway_ca().cert_pem().to_owned();
     let mut entries = Vec::new();
     for pool in &config.pools {
         let ca = Ca::load(&pki.pool_ca_path(&pool.id), &pki.pool_ca_key_path(&pool.id))?;
         entries.push(PoolEntry {
             id: pool.id.clone(),
-            ca: Arc::new(ca),
+            ca: Ok(Arc::new(ca)),
             max_ttl: pool.max_ttl,
             auth: pool.auth.clone(),
             endpoints: pool
@@ -295,13 +326,13 @@ pub fn assemble(
         &read(pki.server_cert_path())?,
         &read(pki.server_key_path())?,
     )?;
-    let state = ApiState {
-        directory: Arc::new(StaticDirectory::new(entries)),
-        warmer: warmer.unwrap_or_else(|| Arc::new(NoWarmer)),
+    let state = ApiState::new(
+        Arc::new(StaticDirectory::new(entries)),
+        warmer.unwrap_or_else(|| Arc::new(NoWarmer)),
         auth,
-        limiter: RateLimiter::new(RateLimit::default()),
-        metrics: ApiMetrics::register(registry),
-    };
+        ApiMetrics::register(registry),
+    )
+    .generating_keys(config.generate_keys);
     Ok(Assembled {
         state: Arc::new(state),
         tls,
@@ -315,7 +346,7 @@ fn oidc_client(config: &CertApiConfig) -> Result<HttpsClient, ConfigError> {
             Some(p) => p,
             None if config.pools.iter().all(|p| p.auth.issuers.is_empty()) => {
                 // No OIDC issuer to reach: trust the local gateway CA only, never used.
-                config.pki_dir.join("gateway").join("ca.pem")
+                pki_dir(config)?.join("gateway").join("ca.pem")
             }
             None => {
                 return Err(ConfigError::Roots(
@@ -328,6 +359,10 @@ fn oidc_client(config: &CertApiConfig) -> Result<HttpsClient, ConfigError> {
     HttpsClient::with_roots_pem(&pem)
         .map(|c| c.max_body(256 * 1024).timeout(Duration::from_secs(5)))
         .map_err(|e| ConfigError::Roots(format!("{}: {e}", path.display())))
+}
+
+fn pki_dir(config: &CertApiConfig) -> Result<&Path, ConfigError> {
+    config.pki_dir.as_deref().ok_or(ConfigError::NoPkiDir)
 }
 
 fn pool_config(i: usize, raw: RawPool, faults: &mut Vec<String>) -> Option<PoolConfig> {
@@ -367,11 +402,26 @@ fn pool_config(i: usize, raw: RawPool, faults: &mut Vec<String>) -> Option<PoolC
             Err(e) => faults.push(format!("{at}.claims: {e}")),
         }
     }
+    let id = id?;
+    let serviceaccounts = match raw.serviceaccounts {
+        RawServiceAccounts::Rbac(false) => ServiceAccounts::Closed,
+        RawServiceAccounts::Rbac(true) => ServiceAccounts::Rbac,
+        RawServiceAccounts::Listed(names) => {
+            let mut listed = Vec::new();
+            for (j, name) in names.iter().enumerate() {
+                match ServiceAccountName::parse(name, id.namespace()) {
+                    Ok(sa) => listed.push(sa),
+                    Err(e) => faults.push(format!("{at}.serviceaccounts[{j}]: {e}")),
+                }
+            }
+            ServiceAccounts::Listed(listed)
+        }
+    };
     Some(PoolConfig {
-        id: id?,
+        id,
         max_ttl: max_ttl?,
         auth: PoolAuth {
-            serviceaccounts: raw.serviceaccounts,
+            serviceaccounts,
             issuers,
         },
         endpoints: raw.endpoints,

@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::auth::{AuthError, Refusal};
+use crate::pki::CsrError;
 
 /// Everything a request can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -24,10 +25,22 @@ pub enum ApiError {
     BodyTooLarge,
     #[error("ttl must be a duration such as \"30m\", at least one minute")]
     BadTtl,
-    #[error("the CSR is not a valid PKCS#10 request with a supported key and a good signature")]
-    BadCsr,
+    #[error("ttl is longer than this pool allows ({}s at most)", .0.as_secs())]
+    TtlAboveCap(std::time::Duration),
+    #[error(transparent)]
+    Csr(#[from] CsrError),
+    #[error("the server does not generate keys here: send a CSR (bkpool login makes one)")]
+    KeyGenerationDisabled,
+    #[error(
+        "the pool's client CA is missing or unreadable; nothing is issued until the operator repairs it"
+    )]
+    PoolCaUnavailable,
     #[error("too many requests from this identity; retry later")]
     RateLimited,
+    #[error("too many requests from this address; retry later")]
+    SourceRateLimited,
+    #[error("too many wake requests from this identity; retry later")]
+    WakeRateLimited,
     #[error("the request took too long")]
     Timeout,
     #[error("no such endpoint")]
@@ -51,8 +64,13 @@ impl ApiError {
             Self::BadRequest(_) => "bad_request",
             Self::BodyTooLarge => "body_too_large",
             Self::BadTtl => "invalid_ttl",
-            Self::BadCsr => "csr_invalid",
+            Self::TtlAboveCap(_) => "ttl_above_cap",
+            Self::Csr(e) => e.reason(),
+            Self::KeyGenerationDisabled => "key_generation_disabled",
+            Self::PoolCaUnavailable => "pool_ca_unavailable",
             Self::RateLimited => "rate_limited",
+            Self::SourceRateLimited => "source_rate_limited",
+            Self::WakeRateLimited => "wake_rate_limited",
             Self::Timeout => "timeout",
             Self::NotFound => "not_found",
             Self::Internal => "internal",
@@ -79,13 +97,18 @@ impl ApiError {
                 Refusal::Forbidden => StatusCode::FORBIDDEN,
                 Refusal::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             },
-            Self::BadPoolName | Self::BadRequest(_) | Self::BadTtl | Self::BadCsr => {
-                StatusCode::BAD_REQUEST
-            }
+            Self::BadPoolName
+            | Self::BadRequest(_)
+            | Self::BadTtl
+            | Self::TtlAboveCap(_)
+            | Self::Csr(_)
+            | Self::KeyGenerationDisabled => StatusCode::BAD_REQUEST,
             Self::PoolNotFound | Self::NotFound => StatusCode::NOT_FOUND,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            Self::Timeout => StatusCode::SERVICE_UNAVAILABLE,
+            Self::RateLimited | Self::SourceRateLimited | Self::WakeRateLimited => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            Self::Timeout | Self::PoolCaUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

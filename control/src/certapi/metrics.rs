@@ -1,6 +1,7 @@
 //! Certificate API metrics: certificates issued by pool and method, refusals by pool and
 //! reason (pool empty when the URL named no existing pool, so callers cannot mint label
-//! values). Names follow `bkpool_certapi_*`; never an identity label.
+//! values), wakes asked for by pool, why and whether they were let through. Names follow
+//! `bkpool_certapi_*`; never an identity label.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -11,6 +12,16 @@ use prometheus_client::registry::Registry;
 pub struct ApiMetrics {
     issued: Family<IssuedLabels, Counter>,
     denied: Family<DeniedLabels, Counter>,
+    wakes: Family<WakeLabels, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WakeLabels {
+    pool: String,
+    /// `certificate` (pre-warm on issue) or `requested` (`POST .../wake`).
+    reason: &'static str,
+    /// `started` or `rate_limited`.
+    result: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -31,6 +42,7 @@ impl ApiMetrics {
         let metrics = Self {
             issued: Family::default(),
             denied: Family::default(),
+            wakes: Family::default(),
         };
         sub.register(
             "certificates_issued",
@@ -41,6 +53,11 @@ impl ApiMetrics {
             "requests_denied",
             "Requests refused, by pool (empty when unknown) and reason",
             metrics.denied.clone(),
+        );
+        sub.register(
+            "wakes",
+            "Pool wakes asked for, by pool, reason (certificate, requested) and result (started, rate_limited)",
+            metrics.wakes.clone(),
         );
         metrics
     }
@@ -56,6 +73,15 @@ impl ApiMetrics {
             method,
         };
         self.issued.get_or_create(&labels).inc();
+    }
+
+    pub fn wake(&self, pool: &str, reason: &'static str, result: &'static str) {
+        let labels = WakeLabels {
+            pool: pool.to_owned(),
+            reason,
+            result,
+        };
+        self.wakes.get_or_create(&labels).inc();
     }
 
     pub fn denied(&self, pool: &str, reason: &'static str) {

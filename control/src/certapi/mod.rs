@@ -1,35 +1,45 @@
 //! The certificate API: CI jobs trade a bearer token (Kubernetes ServiceAccount, OIDC, or a
 //! local static token) for a short-lived client certificate for one pool.
 //!
-//! - `POST /v1/namespaces/{ns}/pools/{pool}/certificates` `{"csr": PEM}` or
-//!   `{"generate_key": true}`, optional `"ttl"`: the certificate chain, the gateway CA bundle,
-//!   the endpoints and the expiry (and the key, only when generated). Issuing pre-warms the pool.
+//! - `POST /v1/namespaces/{ns}/pools/{pool}/certificates` `{"csr": PEM}` (or
+//!   `{"generate_key": true}` where key generation is enabled: local mode, off by default),
+//!   optional `"ttl"`: the certificate chain, the gateway CA bundle, the endpoints and the
+//!   expiry (and the key, only when generated). Issuing pre-warms the pool.
 //! - `GET /v1/namespaces/{ns}/pools`: the pools of `ns` the caller may use.
 //! - `POST /v1/namespaces/{ns}/pools/{pool}/wake`: wake a pool ahead of a build.
 //!
-//! Modules: [`directory`] (the injected world), [`handlers`], [`error`] (JSON errors),
-//! [`metrics`], [`config`] (the standalone local-mode configuration), and here the router
-//! (testable with `oneshot`, no socket) and the HTTPS server.
+//! Modules: [`directory`] (the injected world), [`cluster`] (that world on Kubernetes: pools,
+//! their `spec.auth` and client CAs from watch caches, wakes through the gateway's waker),
+//! [`serving`] (the API's own certificate on Kubernetes), [`replica`] (all of it in one
+//! controller replica), [`handlers`], [`error`] (JSON
+//! errors), [`metrics`], [`config`] (the standalone and local-mode configuration), and here
+//! the router (testable with `oneshot`, no socket) and the HTTPS server.
 //!
-//! The API is stateless: every request carries its token, and everything it needs is in the
-//! directory, so replicas need no coordination.
+//! Every request is rate-limited by its source address before its token is looked at, and by
+//! its identity after. The API is stateless beyond those buckets and short-lived review
+//! answers: every request carries its token, and everything it needs is in the directory, so
+//! replicas need no coordination.
 
+pub mod cluster;
 pub mod config;
 pub mod directory;
 pub mod error;
 pub mod handlers;
 pub mod metrics;
+pub mod replica;
+pub mod serving;
 
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::{HeaderValue, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Extension, Router};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use rustls::ServerConfig;
@@ -38,8 +48,10 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use crate::auth::Authenticator;
-use crate::auth::ratelimit::RateLimiter;
-pub use directory::{NoWarmer, PoolDirectory, PoolEntry, StaticDirectory, WarmReason, Warmer};
+use crate::auth::ratelimit::{RateLimit, RateLimiter};
+pub use directory::{
+    CaUnavailable, NoWarmer, PoolDirectory, PoolEntry, StaticDirectory, WarmReason, Warmer,
+};
 pub use error::ApiError;
 pub use metrics::ApiMetrics;
 
@@ -59,9 +71,93 @@ pub struct ApiState {
     pub directory: Arc<dyn PoolDirectory>,
     pub warmer: Arc<dyn Warmer>,
     pub auth: Authenticator,
-    pub limiter: RateLimiter,
+    pub limiters: Limiters,
     pub metrics: ApiMetrics,
+    /// Whether `{"generate_key": true}` is honoured. Off unless local mode's configuration
+    /// turns it on: the key should stay on the client.
+    pub generate_keys: bool,
 }
+
+/// The request rate limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Per source address, before the token is looked at.
+    pub sources: RateLimit,
+    /// Per authenticated identity.
+    pub identities: RateLimit,
+    /// Wakes (explicit or on issue) per identity.
+    pub wakes: RateLimit,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            sources: RateLimit {
+                burst: 60,
+                per: Duration::from_millis(250),
+                max_identities: 10_000,
+            },
+            identities: RateLimit::default(),
+            wakes: RateLimit {
+                burst: 3,
+                per: Duration::from_secs(20),
+                max_identities: 10_000,
+            },
+        }
+    }
+}
+
+/// The buckets of [`Limits`].
+#[derive(Debug)]
+pub struct Limiters {
+    pub sources: RateLimiter,
+    pub identities: RateLimiter,
+    pub wakes: RateLimiter,
+}
+
+impl Limiters {
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            sources: RateLimiter::new(limits.sources),
+            identities: RateLimiter::new(limits.identities),
+            wakes: RateLimiter::new(limits.wakes),
+        }
+    }
+}
+
+impl ApiState {
+    /// The state with default limits and key generation off.
+    pub fn new(
+        directory: Arc<dyn PoolDirectory>,
+        warmer: Arc<dyn Warmer>,
+        auth: Authenticator,
+        metrics: ApiMetrics,
+    ) -> Self {
+        Self {
+            directory,
+            warmer,
+            auth,
+            limiters: Limiters::new(Limits::default()),
+            metrics,
+            generate_keys: false,
+        }
+    }
+
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limiters = Limiters::new(limits);
+        self
+    }
+
+    /// Lets callers ask the server to make their key (local mode only).
+    pub fn generating_keys(mut self, on: bool) -> Self {
+        self.generate_keys = on;
+        self
+    }
+}
+
+/// The address a request came from (set by [`serve`]; absent in tests without a socket).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer(pub IpAddr);
 
 /// The API's routes over `state`.
 pub fn router(state: Arc<ApiState>) -> Router {
@@ -109,7 +205,8 @@ pub async fn serve(
                 continue;
             }
         };
-        let (acceptor, router) = (acceptor.clone(), router.clone());
+        let acceptor = acceptor.clone();
+        let router = router.clone().layer(Extension(Peer(peer.ip())));
         tokio::spawn(async move {
             let _permit = permit;
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {

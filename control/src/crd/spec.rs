@@ -1,7 +1,8 @@
 //! The `BuildKitPool` spec. Every field is read by a bkpool component: the reconcilers in
 //! `operator` (workload, buildkitd, tls, gateway names), the scaler (scaling), the gateway
-//! (gateway limits and mode) and the certificate API (auth, `tls.clientCertMaxTTL`). Defaults
-//! live in the schema, so `kubectl get -o yaml` shows what is in force.
+//! (gateway limits and mode) and the certificate API served by every controller replica
+//! (auth, `tls.clientCertMaxTTL`, read from a watch cache on every request). Defaults live in
+//! the schema, so `kubectl get -o yaml` shows what is in force.
 
 use std::collections::BTreeMap;
 
@@ -274,7 +275,8 @@ pub enum GatewayMode {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Tls {
-    /// Longest client certificate the certificate API issues.
+    /// Longest client certificate the certificate API issues (at most 24h), and the
+    /// lifetime given when a caller asks for none; asking for longer is refused.
     #[serde(default = "default_client_ttl")]
     #[serde(rename = "clientCertMaxTTL")]
     #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h|d))+$"))]
@@ -290,24 +292,36 @@ pub struct Tls {
     pub rotate_before: String,
 }
 
-/// Who may get a client certificate for this pool. Always scoped to the pool's namespace.
+/// Who may get a client certificate for this pool from the certificate API (`bkpool login`).
+/// These rules apply to this pool only: nothing listed here grants anything on another pool,
+/// in this namespace or any other. A change applies to the next request.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Auth {
-    /// `ServiceAccounts`: only the listed ServiceAccounts of this namespace; `RBAC`: any
-    /// subject allowed `create` on `buildkitpools/connect` here (SubjectAccessReview).
+    /// How Kubernetes ServiceAccount tokens (issued for the certificate API's audience,
+    /// `bkpool` by default, checked with a TokenReview) are let in. `ServiceAccounts`: only
+    /// the accounts in `serviceAccounts`. `RBAC`: any ServiceAccount allowed `create` on
+    /// `buildkitpools/certificates` (API group `bkpool.dev`) for this pool, asked with a
+    /// SubjectAccessReview.
     #[serde(default)]
     pub mode: AuthMode,
+    /// The ServiceAccounts `ServiceAccounts` mode lets in: `NAME` (of this namespace) or
+    /// `NAMESPACE/NAME`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub service_accounts: Vec<String>,
+    /// External OIDC issuers (GitHub Actions, GitLab) whose tokens this pool accepts, in any
+    /// mode, when every claim rule holds.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub oidc: Vec<OidcIssuer>,
 }
 
+/// How ServiceAccount callers are let in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 pub enum AuthMode {
+    /// The accounts in `serviceAccounts`, and no other.
     #[default]
     ServiceAccounts,
+    /// Any account RBAC allows `create` on `buildkitpools/certificates` for this pool.
     #[serde(rename = "RBAC")]
     Rbac,
 }
@@ -315,20 +329,28 @@ pub enum AuthMode {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OidcIssuer {
+    /// The issuer URL exactly as its tokens carry it in `iss`; keys come from its OIDC
+    /// discovery document.
     #[schemars(regex(pattern = r"^https://[^\s]+$"))]
     pub issuer: String,
+    /// `aud` values accepted.
     #[schemars(length(min = 1))]
     pub audiences: Vec<String>,
-    /// Every rule must hold: the claim's value is one of `values`.
+    /// Every rule must hold, and at least one must say more than `*` (an issuer such as
+    /// GitHub signs tokens for anyone). The caller's identity is the issuer's host and the
+    /// token's `sub`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub claims: Vec<ClaimRule>,
 }
 
+/// One claim rule: the claim's value matches one of `values`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ClaimRule {
+    /// The claim's name, e.g. `repository` or `ref`.
     #[schemars(length(min = 1))]
     pub claim: String,
+    /// Accepted values; `*` matches any run of characters (`refs/tags/v*`).
     #[schemars(length(min = 1))]
     pub values: Vec<String>,
 }

@@ -69,6 +69,10 @@ pub fn summary(faults: &[Fault]) -> String {
     all.join("; ")
 }
 
+/// `tls.clientCertMaxTTL` at most: a certificate is the only revocation there is, so none
+/// lives longer than a day.
+const CLIENT_TTL_CEILING: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 struct Faults(Vec<Fault>);
 
 impl Faults {
@@ -225,10 +229,10 @@ fn tls(spec: &BuildKitPoolSpec, faults: &mut Faults) {
     if server > ca {
         faults.push("tls.serverCertLifetime", "must not exceed caLifetime");
     }
-    if client > ca || client.is_zero() {
+    if client > ca || client.is_zero() || client > CLIENT_TTL_CEILING {
         faults.push(
             "tls.clientCertMaxTTL",
-            "must be positive and not exceed caLifetime",
+            "must be positive, at most 24h, and not exceed caLifetime",
         );
     }
 }
@@ -241,16 +245,15 @@ fn auth(spec: &BuildKitPoolSpec, faults: &mut Faults) {
             "unused in RBAC mode; remove or use ServiceAccounts",
         );
     }
-    for (i, sa) in a.service_accounts.iter().enumerate() {
-        if sa.contains(':') || !is_dns_name(sa) {
-            let message = format!("{sa:?} is not a ServiceAccount name of this namespace");
-            faults.push(&format!("auth.serviceAccounts[{i}]"), message);
-        }
-    }
     for (i, issuer) in a.oidc.iter().enumerate() {
         if issuer.audiences.iter().any(String::is_empty) {
             faults.push(&format!("auth.oidc[{i}].audiences"), "empty audience");
         }
+    }
+    // What the certificate API would refuse to build rules from (names, claim rules that
+    // say nothing): the namespace only fills in unqualified names, so any one does.
+    if let Err(rule_faults) = crate::certapi::cluster::pool_auth("default", a) {
+        faults.0.extend(rule_faults);
     }
 }
 
@@ -352,6 +355,11 @@ mod tests {
             paths(&spec),
             ["spec.tls.serverCertLifetime", "spec.tls.clientCertMaxTTL"]
         );
+        let mut spec = BuildKitPoolSpec::default();
+        spec.tls.client_cert_max_ttl = "25h".into();
+        assert_eq!(paths(&spec), ["spec.tls.clientCertMaxTTL"], "a day at most");
+        spec.tls.client_cert_max_ttl = "5s".into();
+        assert!(paths(&spec).is_empty(), "short is fine");
     }
 
     #[test]
@@ -390,10 +398,14 @@ mod tests {
     }
 
     #[test]
-    fn auth_names_stay_in_the_namespace() {
+    fn auth_names_are_accounts_of_this_or_a_named_namespace() {
         let mut spec = BuildKitPoolSpec::default();
-        spec.auth.service_accounts = vec!["ci".into(), "system:serviceaccount:x:y".into()];
-        assert_eq!(paths(&spec), ["spec.auth.serviceAccounts[1]"]);
+        spec.auth.service_accounts = vec![
+            "ci".into(),
+            "tools/ci".into(),
+            "system:serviceaccount:x:y".into(),
+        ];
+        assert_eq!(paths(&spec), ["spec.auth.serviceAccounts[2]"]);
         spec.auth.mode = AuthMode::Rbac;
         assert_eq!(paths(&spec)[0], "spec.auth.serviceAccounts");
     }
@@ -417,5 +429,28 @@ mod tests {
         spec.gateway.balance = Some(Balance::LeastLoaded);
         spec.gateway.load_bound = Some(2.0);
         assert_eq!(paths(&spec), ["spec.gateway.loadBound"]);
+    }
+
+    #[test]
+    fn an_oidc_issuer_needs_claim_rules_that_say_something() {
+        let mut spec = BuildKitPoolSpec::default();
+        let rule = |claim: &str, value: &str| crate::crd::ClaimRule {
+            claim: claim.into(),
+            values: vec![value.into()],
+        };
+        spec.auth.oidc = vec![crate::crd::OidcIssuer {
+            issuer: "https://token.actions.githubusercontent.com".into(),
+            audiences: vec!["bkpool".into()],
+            claims: vec![],
+        }];
+        assert_eq!(paths(&spec), ["spec.auth.oidc[0].claims"]);
+        spec.auth.oidc[0].claims = vec![rule("repository", "*")];
+        assert_eq!(
+            paths(&spec),
+            ["spec.auth.oidc[0].claims"],
+            "every repository"
+        );
+        spec.auth.oidc[0].claims = vec![rule("repository", "org/app"), rule("ref", "*")];
+        assert!(paths(&spec).is_empty());
     }
 }

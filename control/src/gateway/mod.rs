@@ -1,6 +1,7 @@
 //! `bkpool gateway --kubernetes`: the data plane fed from the cluster. Watch caches of pools,
-//! of the gateway's certificate Secrets and of buildkitd pods become the route table, the TLS
-//! configuration and each pool's ready backends; a pool with none is woken by the gateway
+//! of the gateway's certificate Secrets (the copies the controller publishes in a namespace of
+//! their own, the only Secrets the gateway may read) and of buildkitd pods become the route
+//! table, the TLS configuration and each pool's ready backends; a pool with none is woken by the gateway
 //! itself; the scaler's drain mark makes the gateway hold new connections and acknowledge the
 //! mark in `/activity`.
 //!
@@ -24,9 +25,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Secret};
-use kube::Client;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
+use kube::{Api, Client};
 use proxy::gateway::Gateway;
 use proxy::names::PoolId;
 use proxy::route::{BackendTlsClient, PoolRoute, Routes};
@@ -41,6 +42,7 @@ use wake::KubeWaker;
 
 use crate::crd::BuildKitPool;
 use crate::operator::objects::GATEWAY_SECRET_SELECTOR;
+use crate::operator::publish::copy_name;
 use crate::operator::watch::{self, Events, Scope, api};
 
 /// Changes arriving within this window are applied together.
@@ -52,6 +54,8 @@ pub struct Settings {
     pub scope: Scope,
     /// Serve only pools matching this label selector.
     pub pool_selector: Option<String>,
+    /// Where the controller publishes the gateway's Secrets.
+    pub secret_namespace: String,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
 }
@@ -74,7 +78,8 @@ pub async fn run(
     let scope = &settings.scope;
     let (pools, pool_events) = watch::cache(api::<BuildKitPool>(&client, scope), pool_config);
     let secret_config = watcher::Config::default().labels(GATEWAY_SECRET_SELECTOR);
-    let (secrets, secret_events) = watch::cache(api::<Secret>(&client, scope), secret_config);
+    let secret_api = Api::<Secret>::namespaced(client.clone(), &settings.secret_namespace);
+    let (secrets, secret_events) = watch::cache(secret_api, secret_config);
     let pod_config = watcher::Config::default().labels(pods::SELECTOR);
     let (pod_store, pod_events) = watch::cache(api::<Pod>(&client, scope), pod_config);
     // A pool change can change routes and which pods count; a Secret only routes; a pod only
@@ -153,9 +158,10 @@ impl Feed {
     /// Rebuilds the route table (and the TLS configuration, if its inputs changed) and
     /// applies each pool's drain mark.
     fn routes(&mut self, pools: &Store<BuildKitPool>, secrets: &Store<Secret>) {
+        let home = self.settings.secret_namespace.as_str();
         let plan = table::plan(
             &pools.state(),
-            |ns, name| secrets.get(&ObjectRef::new(name).within(ns)),
+            |ns, name| secrets.get(&ObjectRef::new(&copy_name(ns, name)).within(home)),
             &mut self.parsed,
         );
         for _ in 0..self.parsed.take_failures() {

@@ -467,7 +467,11 @@ mod tests {
         // Answered while held: the wake may take minutes.
         assert_eq!(
             seen("ci/a"),
-            (true, DEFAULT_WAKE_TIMEOUT_ANSWERED, affine(DEFAULT_LOAD_BOUND))
+            (
+                true,
+                DEFAULT_WAKE_TIMEOUT_ANSWERED,
+                affine(DEFAULT_LOAD_BOUND)
+            )
         );
         // Nobody answers the client: the wake must end inside its 20 s.
         assert_eq!(

@@ -13,11 +13,15 @@ use kube::{Client, Resource};
 
 use super::metrics::Metrics;
 use super::pki::ParsedCache;
+use super::publish;
 use crate::crd::BuildKitPool;
 
 /// Where the gateway runs, for the client-facing Service and the NetworkPolicy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
+    /// Where the gateway's Secret copies are published: a namespace holding nothing else, as
+    /// the gateway may read every Secret in it.
+    pub gateway_secret_namespace: String,
     /// The gateway Service's DNS name, e.g. `bkpool-gateway.bkpool-system.svc.cluster.local`.
     pub gateway_host: String,
     /// The port clients connect to on the gateway.
@@ -32,6 +36,7 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Self {
+            gateway_secret_namespace: publish::DEFAULT_NAMESPACE.into(),
             gateway_host: "bkpool-gateway.bkpool-system.svc.cluster.local".into(),
             gateway_port: 1234,
             gateway_pod_labels: BTreeMap::from([(

@@ -72,6 +72,12 @@ pub async fn run(
         network_policies,
         endpoints,
     };
+    let sweeper = tokio::spawn(super::publish::sweep_forever(
+        client.clone(),
+        pools.clone(),
+        settings.gateway_secret_namespace.clone(),
+        scope.clone(),
+    ));
     let ctx = Arc::new(Context::new(client, stores, settings, metrics));
     let backoff = Arc::new(Backoff::default());
     let config = Config::default()
@@ -114,6 +120,7 @@ pub async fn run(
         )
         .for_each(|_| std::future::ready(()))
         .await;
+    sweeper.abort();
 }
 
 /// One round for one pool.

@@ -14,6 +14,8 @@
 //! - [`workload`]: Deployment, StatefulSet (cache claims kept while asleep) or Job.
 //! - [`service`]: the backend Service (headless for StatefulSet) and the client-facing name.
 //! - [`netpol`]: the NetworkPolicy letting only gateway pods reach buildkitd.
+//! - [`publish`]: copies of the gateway's Secrets in a namespace of their own, the only
+//!   Secrets the gateway may read.
 //! - [`status`]: phase, conditions, replicas, endpoint; wake and sleep Events.
 //! - [`scaler`]: the leader's scaler: gateway activity in, two-phase drains and scale-downs,
 //!   scale-ups by load and warm windows out.
@@ -33,6 +35,7 @@ pub mod metrics;
 pub mod netpol;
 pub mod objects;
 pub mod pki;
+pub mod publish;
 pub mod scaler;
 pub mod service;
 pub mod status;

@@ -471,7 +471,11 @@ async fn leaf(
         data: Some(leaf_data(&cert_pem, &key_pem, &bundle)),
         ..Secret::default()
     };
-    if write(ctx, &ns, &secret, cached.as_deref()).await? == Outcome::Applied && reissued {
+    let written = write(ctx, &ns, &secret, cached.as_deref()).await?;
+    if label.starts_with("gateway") {
+        super::publish::copy(ctx, pool, &secret).await?;
+    }
+    if written == Outcome::Applied && reissued {
         let note = format!("{name}: {label} certificate reissued");
         ctx.event(
             pool,

@@ -3,6 +3,7 @@
 //! decision.
 
 use std::fmt::Debug;
+use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
@@ -41,6 +42,16 @@ where
         Scope::All => Api::all(client.clone()),
         Scope::Namespace(ns) => Api::namespaced(client.clone(), ns),
     }
+}
+
+/// Completes once `store` holds its first full list. kube's readiness signal wakes only the
+/// last task that waited on it, so a second waiter on one store (the Controller waits on the
+/// pool cache too) asks again every 100 ms instead of sleeping forever.
+pub async fn until_ready<K: Watched>(store: &Store<K>) {
+    while tokio::time::timeout(Duration::from_millis(100), store.wait_until_ready())
+        .await
+        .is_err()
+    {}
 }
 
 /// A cache of what `api` and `config` select, and the events that feed it (watch errors are

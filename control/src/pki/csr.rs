@@ -1,7 +1,9 @@
 //! What a certificate signing request contributes: its public key, and nothing else. The
-//! request's own signature proves the requester holds the private key; its subject, SANs and
-//! extensions are discarded unread, because who the certificate is for is decided by whoever
-//! authenticated the requester.
+//! request's own signature proves the requester holds the private key; its subject and other
+//! extensions are discarded, because who the certificate is for is decided by whoever
+//! authenticated the requester. A request that asks for names (any subject alternative name)
+//! or for a CA certificate is refused outright rather than quietly signed without them: its
+//! requester expects something it will never get, and says so early.
 
 use rcgen::{
     PKCS_ECDSA_P256_SHA256, PKCS_ECDSA_P384_SHA384, PKCS_RSA_SHA256, PublicKeyData,
@@ -10,6 +12,7 @@ use rcgen::{
 use rustls::pki_types::CertificateSigningRequestDer;
 use rustls::pki_types::pem::PemObject;
 use x509_parser::certification_request::X509CertificationRequest;
+use x509_parser::extensions::ParsedExtension;
 use x509_parser::oid_registry::{
     OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION,
 };
@@ -33,6 +36,24 @@ pub enum CsrError {
     UnsupportedKey(String),
     #[error("RSA key of {0} bits is too small: at least {MIN_RSA_BITS} are required")]
     WeakRsa(usize),
+    #[error(
+        "the request asks for subject alternative names; the certificate's names are set by the issuer, send a request without them"
+    )]
+    AsksForNames,
+    #[error("the request asks for a CA certificate; only client certificates are issued")]
+    AsksForCa,
+}
+
+impl CsrError {
+    /// The stable reason a refusal is reported with.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NotPem | Self::Malformed | Self::BadSignature => "csr_invalid",
+            Self::UnsupportedKey(_) | Self::WeakRsa(_) => "csr_key_unsupported",
+            Self::AsksForNames => "csr_asks_for_names",
+            Self::AsksForCa => "csr_asks_for_ca",
+        }
+    }
 }
 
 /// The public key of a verified CSR, ready to be put in a certificate.
@@ -61,6 +82,7 @@ pub fn requested_key_der(der: &[u8]) -> Result<RequestedKey, CsrError> {
     let spki = &csr.certification_request_info.subject_pki;
     let alg = accepted_algorithm(spki)?;
     csr.verify_signature().map_err(|_| CsrError::BadSignature)?;
+    refuse_requested_extensions(&csr)?;
     let raw = spki.subject_public_key.data.to_vec();
     Ok(RequestedKey { raw, alg })
 }
@@ -73,6 +95,18 @@ impl PublicKeyData for RequestedKey {
     fn algorithm(&self) -> &'static SignatureAlgorithm {
         self.alg
     }
+}
+
+/// Refuses a request asking for subject alternative names or `CA:true`.
+fn refuse_requested_extensions(csr: &X509CertificationRequest<'_>) -> Result<(), CsrError> {
+    for extension in csr.requested_extensions().into_iter().flatten() {
+        match extension {
+            ParsedExtension::SubjectAlternativeName(_) => return Err(CsrError::AsksForNames),
+            ParsedExtension::BasicConstraints(bc) if bc.ca => return Err(CsrError::AsksForCa),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// The rcgen algorithm whose SubjectPublicKeyInfo encoding matches the key, if we accept it.
@@ -150,22 +184,27 @@ A8yiTXWZ
 -----END CERTIFICATE REQUEST-----
 ";
 
-    /// A request from `key` asking for everything it should not get.
+    /// A request from `key` asking for a subject and key usages it will not get (ignored).
     fn greedy_csr(key: &KeyPair) -> rcgen::CertificateSigningRequest {
-        let mut params =
-            CertificateParams::new(vec!["evil.example".to_owned(), "10.0.0.1".to_owned()]).unwrap();
-        params.subject_alt_names.push(rcgen::SanType::URI(
-            "bkpool://local/other/root".try_into().unwrap(),
-        ));
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, "root");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::Any,
         ];
         params.serialize_request(key).unwrap()
+    }
+
+    /// A request from `key` asking for `sans` and, with `ca`, for a CA certificate.
+    fn asking_csr(key: &KeyPair, sans: Vec<rcgen::SanType>, ca: bool) -> String {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = sans;
+        if ca {
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        }
+        params.serialize_request(key).unwrap().pem().unwrap()
     }
 
     fn sign(ca: &Ca, csr_pem: &str) -> Result<crate::pki::IssuedCert, PkiError> {
@@ -214,6 +253,28 @@ A8yiTXWZ
         let eku = parsed.extended_key_usage().unwrap().unwrap().value;
         assert!(eku.client_auth && !eku.server_auth && !eku.any);
         assert!(!parsed.is_ca());
+    }
+
+    #[test]
+    fn requests_for_names_or_a_ca_are_refused_with_their_own_reason() {
+        let ca = Ca::generate("a", 24 * HOUR).unwrap();
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let uri = rcgen::SanType::URI("bkpool://local/other/root".try_into().unwrap());
+        let dns = rcgen::SanType::DnsName("evil.example".try_into().unwrap());
+        let ip = rcgen::SanType::IpAddress([10, 0, 0, 1].into());
+        for (sans, ca_bit, expected) in [
+            (vec![uri], false, CsrError::AsksForNames),
+            (vec![dns], false, CsrError::AsksForNames),
+            (vec![ip], false, CsrError::AsksForNames),
+            (vec![], true, CsrError::AsksForCa),
+        ] {
+            let csr = asking_csr(&key, sans, ca_bit);
+            assert_eq!(csr_error(sign(&ca, &csr)), expected);
+        }
+        assert_eq!(CsrError::AsksForNames.reason(), "csr_asks_for_names");
+        assert_eq!(CsrError::AsksForCa.reason(), "csr_asks_for_ca");
+        assert_eq!(CsrError::WeakRsa(1024).reason(), "csr_key_unsupported");
+        assert!(sign(&ca, &asking_csr(&key, vec![], false)).is_ok());
     }
 
     #[test]

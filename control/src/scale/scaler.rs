@@ -77,6 +77,22 @@ impl Scaler {
         }))
     }
 
+    /// Starts the wake of a sleeping `pool` as its first connection would, with nothing held;
+    /// the pool then sleeps again after `idle_after` unless a connection comes. Returns
+    /// whether a wake started (false when the pool is awake or waking, unknown, or bkpool is
+    /// shutting down).
+    pub fn wake_ahead(&self, pool: &PoolId) -> bool {
+        let Some(pool) = self.shared.pools.get(pool) else {
+            return false;
+        };
+        let mut s = pool.lock();
+        if self.shared.shutting_down() || !matches!(s.state, State::Sleeping) {
+            return false;
+        }
+        self.shared.begin_wake(pool, &mut s);
+        true
+    }
+
     /// Runs the control loop until `shutdown` is cancelled: reads `activity` every tick and
     /// handles replica exits. Pools with `min_replicas` are woken at once.
     pub async fn run(&self, activity: Arc<Activity>, shutdown: CancellationToken) {

@@ -193,12 +193,20 @@ pub struct RunningController {
 pub type Stopped = std::pin::Pin<Box<dyn Future<Output = ()> + Send + Sync>>;
 
 impl RunningController {
-    /// The reconcilers, for one namespace.
+    /// The reconcilers, for one namespace that is the controller's own too.
     pub fn start(client: &Client, namespace: &str) -> Self {
+        Self::start_in(client, namespace, namespace)
+    }
+
+    /// The reconcilers for pools in `namespace`, the gateway's Secret copies going to
+    /// `published`.
+    pub fn start_in(client: &Client, namespace: &str, published: &str) -> Self {
         let (client, scope) = (client.clone(), Scope::Namespace(namespace.to_owned()));
-        Self::spawn(|metrics, stopped| {
-            controller::run(client, scope, Settings::default(), metrics, stopped)
-        })
+        let settings = Settings {
+            gateway_secret_namespace: published.to_owned(),
+            ..Settings::default()
+        };
+        Self::spawn(|metrics, stopped| controller::run(client, scope, settings, metrics, stopped))
     }
 
     /// Any loop that takes its metrics and a future that completes when it should stop.
@@ -237,6 +245,38 @@ impl Drop for RunningController {
 /// Creates the RBAC of `deploy/kustomize/<file>`, moved into `ns` (cluster-wide names get
 /// `-<ns>`). Returns the ClusterRole's (and ClusterRoleBinding's) name.
 pub async fn install_rbac(client: &Client, ns: &str, file: &str) -> String {
+    install_rbac_in(client, &[("bkpool-system", ns)], ns, file).await
+}
+
+/// The namespace a deployed namespace stands for in a test: `bkpool-system` is `system` and
+/// `bkpool-gateway-secrets` is `published`.
+pub fn deployed_namespaces<'a>(
+    system: &'a str,
+    published: &'a str,
+) -> [(&'static str, &'a str); 2] {
+    [
+        ("bkpool-system", system),
+        ("bkpool-gateway-secrets", published),
+    ]
+}
+
+/// [`install_rbac`] with each namespace of the file moved to its counterpart in `moves`
+/// (one not listed goes to the first one's); cluster-wide names get `-<suffix>`.
+pub async fn install_rbac_in(
+    client: &Client,
+    moves: &[(&str, &str)],
+    suffix: &str,
+    file: &str,
+) -> String {
+    let moved = |from: &str| -> String {
+        moves
+            .iter()
+            .find(|(deployed, _)| *deployed == from)
+            .unwrap_or(&moves[0])
+            .1
+            .to_owned()
+    };
+    let ns = suffix;
     // Included by the control crate's tests and by the workspace root's.
     let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let path = [manifest, manifest.parent().unwrap()]
@@ -251,8 +291,9 @@ pub async fn install_rbac(client: &Client, ns: &str, file: &str) -> String {
         let mut value: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
         let kind = value["kind"].as_str().unwrap().to_owned();
         let meta = &mut value["metadata"];
+        let target = moved(meta["namespace"].as_str().unwrap_or_default());
         if meta.get("namespace").is_some() {
-            meta["namespace"] = json!(ns);
+            meta["namespace"] = json!(target);
         }
         if kind.starts_with("Cluster") {
             let name = format!("{}-{ns}", meta["name"].as_str().unwrap());
@@ -260,8 +301,11 @@ pub async fn install_rbac(client: &Client, ns: &str, file: &str) -> String {
             cluster_name = name;
         }
         if let Some(subjects) = value.get_mut("subjects").and_then(|s| s.as_array_mut()) {
-            for s in subjects {
-                s["namespace"] = json!(ns);
+            for s in subjects
+                .iter_mut()
+                .filter(|s| s["kind"] == "ServiceAccount")
+            {
+                s["namespace"] = json!(moved(s["namespace"].as_str().unwrap_or_default()));
             }
         }
         if kind == "ClusterRoleBinding" {
@@ -272,7 +316,7 @@ pub async fn install_rbac(client: &Client, ns: &str, file: &str) -> String {
         match kind.as_str() {
             "ServiceAccount" => {
                 let o: ServiceAccount = serde_json::from_value(value).unwrap();
-                Api::namespaced(client.clone(), ns)
+                Api::namespaced(client.clone(), &target)
                     .create(&pp, &o)
                     .await
                     .map(drop)
@@ -293,14 +337,14 @@ pub async fn install_rbac(client: &Client, ns: &str, file: &str) -> String {
             }
             "Role" => {
                 let o: Role = serde_json::from_value(value).unwrap();
-                Api::namespaced(client.clone(), ns)
+                Api::namespaced(client.clone(), &target)
                     .create(&pp, &o)
                     .await
                     .map(drop)
             }
             "RoleBinding" => {
                 let o: RoleBinding = serde_json::from_value(value).unwrap();
-                Api::namespaced(client.clone(), ns)
+                Api::namespaced(client.clone(), &target)
                     .create(&pp, &o)
                     .await
                     .map(drop)

@@ -1,0 +1,301 @@
+//! The README's "Use from CI" on Kubernetes, as written, against a real API server (skipped
+//! without `BKPOOL_TEST_KUBECONFIG`): its pool, ServiceAccount, Role, RoleBinding and Job are
+//! read from the README and created (the Job with a server-side dry run: there is no kubelet),
+//! a `bkpool controller` process serves the certificate API as its own ServiceAccount with the
+//! RBAC from `deploy/` (which also lets everyone read the API's CA), and the Job's own `bkpool login`
+//! command line runs with what its pod would have (the projected token for audience `bkpool`,
+//! the ServiceAccount's credentials for the ConfigMap), with only the addresses and namespaces
+//! replaced and the build command replaced by a check of what `--exec` hands it. The real
+//! `buildctl` through the gateway needs running pods and is not part of this test.
+
+#[path = "../control/tests/support/mod.rs"]
+mod cluster;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use cluster::{
+    TestNamespace, deployed_namespaces, eventually, install_crd, install_rbac_in,
+    service_account_token, test_client,
+};
+use control::crd::BuildKitPool;
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::Client;
+use kube::api::{Api, PostParams};
+use serde_json::{Value, json};
+
+/// The YAML blocks of the README's "On Kubernetes" section, with namespace `ci` moved to `ns`.
+fn readme_yaml(ns: &str) -> Vec<Vec<Value>> {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let start = readme
+        .find("### On Kubernetes")
+        .expect("README: On Kubernetes");
+    let end = readme
+        .find("### Outside Kubernetes")
+        .expect("README: Outside Kubernetes");
+    let section = &readme[start..end];
+    let mut blocks = Vec::new();
+    let mut rest = section;
+    while let Some(open) = rest.find("```yaml\n") {
+        let body = &rest[open + 8..];
+        let close = body.find("```").unwrap();
+        let text = body[..close]
+            .replace("namespace: ci}", &format!("namespace: {ns}}}"))
+            .replace("--pool=ci/default", &format!("--pool={ns}/default"));
+        let docs = serde_yaml::Deserializer::from_str(&text)
+            .map(|d| serde::Deserialize::deserialize(d).unwrap())
+            .collect();
+        blocks.push(docs);
+        rest = &body[close..];
+    }
+    blocks
+}
+
+fn kubeconfig_with_token(path: &Path, token: &str) {
+    let admin: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(std::env::var("BKPOOL_TEST_KUBECONFIG").unwrap()).unwrap(),
+    )
+    .unwrap();
+    let cluster = &admin["clusters"][0]["cluster"];
+    let text = json!({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": "c", "cluster": {
+            "server": cluster["server"].as_str().unwrap(),
+            "certificate-authority-data": cluster["certificate-authority-data"].as_str().unwrap(),
+        }}],
+        "users": [{"name": "u", "user": {"token": token}}],
+        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+        "current-context": "x",
+    });
+    std::fs::write(path, text.to_string()).unwrap();
+}
+
+/// A `bkpool controller` process serving pools of `ns`, its certificate API on loopback.
+struct Controller {
+    child: std::process::Child,
+    certapi: SocketAddr,
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_controller(ns: &str, system: &str, kubeconfig: &Path) -> Controller {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bkpool"))
+        .args(["--log-format", "json", "controller"])
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(["--namespace", ns, "--lease-namespace", system])
+        .args(["--gateway-secret-namespace", system])
+        .args(["--listen", "127.0.0.1:0", "--certapi-listen", "127.0.0.1:0"])
+        .args(["--certapi-name", "127.0.0.1", "--identity", "readme"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start bkpool controller");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("controller admin endpoint") {
+                let v: Value = serde_json::from_str(&line).unwrap();
+                let _ = tx.send(v["fields"]["certapi"].as_str().unwrap().parse().unwrap());
+            }
+        }
+    });
+    let certapi = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the controller's certificate API address");
+    Controller { child, certapi }
+}
+
+async fn create<K>(client: &Client, ns: &str, doc: &Value, dry_run: bool)
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let object: K = serde_json::from_value(doc.clone()).unwrap();
+    let pp = PostParams {
+        dry_run,
+        ..PostParams::default()
+    };
+    Api::<K>::namespaced(client.clone(), ns)
+        .create(&pp, &object)
+        .await
+        .unwrap_or_else(|e| panic!("README {}: {e}", doc["kind"]));
+}
+
+/// A token of `ns/sa` for `audience`, as a projected volume would hold it.
+async fn token(client: &Client, ns: &str, sa: &str, audience: &str) -> String {
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![audience.to_owned()],
+            expiration_seconds: Some(600),
+            ..TokenRequestSpec::default()
+        },
+        ..TokenRequest::default()
+    };
+    Api::<ServiceAccount>::namespaced(client.clone(), ns)
+        .create_token_request(sa, &PostParams::default(), &request)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .token
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_kubernetes_job_gets_a_certificate_as_written() {
+    let Some(client) = test_client().await else {
+        return;
+    };
+    install_crd(&client).await;
+    let ns = TestNamespace::create(&client, "bkp-readme").await;
+    let system = TestNamespace::create(&client, "bkp-readme-sys").await;
+    let blocks = readme_yaml(&ns.name);
+    assert!(blocks.len() >= 2, "a pool block and a Job block");
+
+    // The pool, then the Job's ServiceAccount, Role and RoleBinding, as the README has them.
+    let pool = &blocks[0][0];
+    assert_eq!(pool["kind"], "BuildKitPool");
+    create::<BuildKitPool>(&client, &ns.name, pool, false).await;
+    let mut job = None;
+    for doc in &blocks[1] {
+        match doc["kind"].as_str().unwrap() {
+            "ServiceAccount" => create::<ServiceAccount>(&client, &ns.name, doc, false).await,
+            "Role" => create::<Role>(&client, &ns.name, doc, false).await,
+            "RoleBinding" => create::<RoleBinding>(&client, &ns.name, doc, false).await,
+            "Job" => {
+                create::<Job>(&client, &ns.name, doc, true).await;
+                job = Some(doc.clone());
+            }
+            other => panic!("README: unexpected {other}"),
+        }
+    }
+    let job = job.expect("README: a Job");
+    let pod = &job["spec"]["template"]["spec"];
+    let sa = pod["serviceAccountName"].as_str().unwrap();
+    let audience = pod["volumes"][0]["projected"]["sources"][0]["serviceAccountToken"]["audience"]
+        .as_str()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let command: Vec<String> = pod["containers"][0]["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(command[..2], ["bkpool", "login"]);
+
+    let moves = deployed_namespaces(&system.name, &system.name);
+    let cluster_names =
+        install_rbac_in(&client, &moves, &system.name, "rbac-controller.yaml").await;
+    let controller_kubeconfig = dir.path().join("controller.kubeconfig");
+    kubeconfig_with_token(
+        &controller_kubeconfig,
+        &service_account_token(&client, &system.name, "bkpool-controller").await,
+    );
+    let controller = start_controller(&ns.name, &system.name, &controller_kubeconfig);
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(client.clone(), &ns.name);
+    eventually("the pool's client CA", Duration::from_secs(30), || async {
+        secrets.get("default-client-ca").await.ok()
+    })
+    .await;
+
+    // What the pod would have: the projected token, and its ServiceAccount's credentials.
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, token(&client, &ns.name, sa, audience).await).unwrap();
+    let in_cluster = dir.path().join("in-cluster.kubeconfig");
+    kubeconfig_with_token(
+        &in_cluster,
+        &service_account_token(&client, &ns.name, sa).await,
+    );
+    let endpoint = format!("tcp://default.{}.svc:1234", ns.name);
+    let check = format!(
+        "test -s \"$BKPOOL_TLS_DIR/cert.pem\" && test -s \"$BKPOOL_TLS_DIR/key.pem\" \
+         && test \"$BUILDKIT_HOST\" = {endpoint}"
+    );
+    let run = |token_file: &Path| {
+        let mut args: Vec<String> = Vec::new();
+        let mut after_exec = false;
+        for arg in &command[2..] {
+            if after_exec {
+                continue;
+            }
+            match arg.split_once('=') {
+                Some(("--serviceaccount", _)) => {
+                    args.push(format!("--serviceaccount={}", token_file.display()))
+                }
+                Some(("--server", _)) => {
+                    args.push(format!("--server=https://{}", controller.certapi))
+                }
+                _ if arg == "--ca-configmap" => {
+                    args.push(format!("--ca-configmap={}/bkpool-certapi-ca", system.name));
+                    args.push(format!("--kubeconfig={}", in_cluster.display()));
+                }
+                _ if arg == "--" => {
+                    args.extend(["--".into(), "sh".into(), "-c".into(), check.clone()]);
+                    after_exec = true;
+                }
+                _ => args.push(arg.clone()),
+            }
+        }
+        let out = Command::new(env!("CARGO_BIN_EXE_bkpool"))
+            .arg("login")
+            .args(&args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // The controller's caches and certificate come first; RBAC may take a moment too.
+    let mut last = None;
+    for _ in 0..40 {
+        let (status, stderr) = run(&token_file);
+        if status.success() {
+            last = None;
+            break;
+        }
+        last = Some(stderr);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(last, None, "the README's Job command");
+
+    // The pod's default token (for the API server) is refused, as the README says.
+    let default_token: PathBuf = dir.path().join("default-token");
+    std::fs::write(
+        &default_token,
+        service_account_token(&client, &ns.name, sa).await,
+    )
+    .unwrap();
+    let (status, stderr) = run(&default_token);
+    assert!(!status.success());
+    assert!(stderr.contains("audience_mismatch"), "{stderr}");
+
+    drop(controller);
+    let roles: Api<k8s_openapi::api::rbac::v1::ClusterRole> = Api::all(client.clone());
+    let bindings: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> = Api::all(client.clone());
+    let _ = bindings.delete(&cluster_names, &Default::default()).await;
+    let _ = roles.delete(&cluster_names, &Default::default()).await;
+    ns.delete().await;
+    system.delete().await;
+}
