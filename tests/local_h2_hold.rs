@@ -24,7 +24,7 @@ fn delayed_pool(preface_while_waking: bool) -> String {
     let bkpool = env!("CARGO_BIN_EXE_bkpool");
     format!(
         "[[pool]]\nname = \"default\"\npreface_while_waking = {preface_while_waking}\n\
-         [pool.replica]\ncommand = [\"sh\", \"-c\", \"sleep {START_DELAY}; exec {bkpool} standin --listen {{addr}}\"]\n"
+         [pool.replica]\ncommand = [\"sh\", \"-c\", \"sleep {START_DELAY}; exec {bkpool} standin --listen {{addr}} --tls {{tls}}\"]\n"
     )
 }
 
@@ -142,4 +142,71 @@ async fn with_the_switch_off_the_first_byte_waits_for_the_replica() {
         .metric("bkpool_gateway_held_prefaces_answered_total", &[])
         .await;
     assert_eq!(answered, 0.0);
+}
+
+/// Once the pool is awake, a client whose preface the gateway answered still owes it the
+/// acknowledgement of its SETTINGS (at most 5 s). Meanwhile its connection is open: one
+/// neither held nor open would let the pool be stopped under it. A client that never
+/// acknowledges is refused with its own reason.
+#[tokio::test]
+async fn a_connection_awaiting_its_acknowledgement_counts_as_open() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let bk = local("31230-31239", &delayed_pool(true));
+    let tls = bk.issue("default");
+    let mut stream = bk.connect(&tls).await.expect("TLS through the gateway");
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    stream
+        .write_all(control::standin::H2_PREFACE)
+        .await
+        .unwrap();
+    stream
+        .write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
+        .await
+        .unwrap();
+    stream.flush().await.unwrap();
+    let mut settings = [0u8; 9];
+    stream.read_exact(&mut settings).await.unwrap();
+    assert_eq!(
+        settings,
+        [0, 0, 0, 4, 0, 0, 0, 0, 0],
+        "the gateway's own SETTINGS"
+    );
+
+    bk.wait_phase(
+        "default",
+        control::scale::Phase::Ready,
+        Duration::from_secs(20),
+    )
+    .await;
+    // The hold ends as the replica answers; the acknowledgement is due within 5 s.
+    let counted = async {
+        loop {
+            let pool = bk.pool("default").await;
+            if (pool.open, pool.held) == (1, 0) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(3), counted)
+        .await
+        .expect("open while its acknowledgement is awaited");
+
+    let refused = async {
+        loop {
+            let labels = [("pool", "local/default"), ("reason", "h2_no_ack")];
+            if bk
+                .metric("bkpool_gateway_connections_rejected_total", &labels)
+                .await
+                == 1.0
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), refused)
+        .await
+        .expect("refused for want of an acknowledgement");
+    assert_eq!(bk.pool("default").await.open, 0);
 }

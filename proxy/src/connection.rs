@@ -230,27 +230,31 @@ async fn admit_and_connect<'g>(
         gateway.admission.clone(),
     );
     // Boxed: a held connection's state (the preface buffer) is large and rare.
-    let (candidates, released) = Box::pin(hold::wait(
+    // Open from the moment it is routed, not once its backend answers: the client's HTTP/2
+    // acknowledgement and a dial (the connect timeout for each candidate) may take longer
+    // than a drain's settle time, and a connection neither held nor open would let the
+    // scaler take the pool down under it.
+    let (ready, released) = Box::pin(hold::wait(
         route.upstream.candidates(&activity, &caller),
         client,
+        || activity.open(),
     ))
     .await;
     gateway.metrics.held(&released);
-    let candidates = match candidates {
+    let (candidates, open) = match ready {
         // Ordered once the pool is awake, so a held caller reaches its own replica too.
-        Ok(candidates) => route
-            .balance
-            .order(candidates, identity.map(ClientIdentity::as_str)),
+        Ok((candidates, open)) => {
+            let ordered = route
+                .balance
+                .order(candidates, identity.map(ClientIdentity::as_str));
+            (ordered, open)
+        }
         Err(e) => {
             tracing::info!(%pool, %peer, error = %e, "no backend for connection");
             refuse(e.reason());
             return None;
         }
     };
-    // Open from the moment it is routed, not once its backend answers: a dial may take the
-    // connect timeout for each candidate, longer than a drain's settle time, and a connection
-    // neither held nor open would let the scaler take the pool down under it.
-    let open = activity.open();
     let Connected { tcp, addr, load } =
         match connect::dial(&candidates, route.connect_timeout).await {
             Ok(connected) => connected,

@@ -76,37 +76,43 @@ impl HoldError {
 }
 
 /// Waits for `candidates`, watching `client` meanwhile (see the module docs). On success the
-/// backends come with what must be replayed to them.
-pub async fn wait<F>(
+/// backends come with what must be replayed to them, and with what `open` made the moment
+/// they were ready: the connection's count as open, taken before the last wait for the
+/// client (its HTTP/2 acknowledgement), so that it is never neither held nor open.
+pub async fn wait<F, G>(
     candidates: F,
     client: Client<'_>,
-) -> (Result<Vec<Candidate>, HoldError>, Released)
+    open: impl FnOnce() -> G,
+) -> (Result<(Vec<Candidate>, G), HoldError>, Released)
 where
     F: Future<Output = Result<Vec<Candidate>, RouteError>>,
 {
     let mut candidates = pin!(candidates);
     if let Poll::Ready(ready) = poll_fn(|cx| Poll::Ready(candidates.as_mut().poll(cx))).await {
-        return (ready.map_err(HoldError::from), Released::default());
+        let ready = ready.map(|c| (c, open())).map_err(HoldError::from);
+        return (ready, Released::default());
     }
-    match client {
+    let (parked, released) = match client {
         Client::Raw(tcp) => (parked(candidates, tcp).await, Released::default()),
         Client::Tls { stream, answer } => {
             let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
             if !answer {
-                let parked = parked(candidates, stream.get_ref().0).await;
-                return (parked, Released::default());
-            }
-            if !h2 {
-                let parked = parked(candidates, stream.get_ref().0).await;
+                (
+                    parked(candidates, stream.get_ref().0).await,
+                    Released::default(),
+                )
+            } else if !h2 {
                 let released = Released {
                     fallback: Some(Fallback::NotH2),
                     ..Released::default()
                 };
-                return (parked, released);
+                (parked(candidates, stream.get_ref().0).await, released)
+            } else {
+                return answered(candidates, stream, open).await;
             }
-            answered(candidates, stream).await
         }
-    }
+    };
+    (parked.map(|c| (c, open())), released)
 }
 
 /// Parked: waits for the backends, ending early only if the client closes before sending
@@ -142,10 +148,11 @@ async fn closed_before_sending(tcp: &TcpStream) {
 /// Keeps the client's frames while the wait lasts, answers the preface once the client has
 /// sent its own, and makes sure the acknowledgement of the gateway's SETTINGS was seen (and
 /// removed) before the backend gets the rest.
-async fn answered<F>(
+async fn answered<F, G>(
     candidates: std::pin::Pin<&mut F>,
     stream: &mut TlsStream<TcpStream>,
-) -> (Result<Vec<Candidate>, HoldError>, Released)
+    open: impl FnOnce() -> G,
+) -> (Result<(Vec<Candidate>, G), HoldError>, Released)
 where
     F: Future<Output = Result<Vec<Candidate>, RouteError>>,
 {
@@ -181,7 +188,7 @@ where
         }
     };
     let candidates = match ready {
-        Ok(candidates) => candidates,
+        Ok(candidates) => (candidates, open()),
         Err(e) => {
             if released.answered {
                 let _ = stream.write_all(&preface::goaway(e.reason())).await;
