@@ -89,16 +89,14 @@ async fn a_held_connection_wakes_the_pool_and_an_idle_pool_drains_to_zero() {
     let gateway_role = install_rbac_in(&client, &moves, &ns.name, "rbac-gateway.yaml").await;
     let controller_role = install_rbac_in(&client, &moves, &ns.name, "rbac-controller.yaml").await;
     let gateway_kubeconfig = kubeconfig_with_token(
-        dir.path(),
+        &dir.path().join("gateway.kubeconfig"),
         &service_account_token(&client, &ns.name, "bkpool-gateway").await,
     );
 
     // The operator (reconcilers and scaler) as a real process, as its own ServiceAccount.
     let controller_kubeconfig = {
         let token = service_account_token(&client, &ns.name, "bkpool-controller").await;
-        let sub = dir.path().join("controller");
-        std::fs::create_dir(&sub).unwrap();
-        kubeconfig_with_token(&sub, &token)
+        kubeconfig_with_token(&dir.path().join("controller.kubeconfig"), &token)
     };
     let mut controller = Command::new(env!("CARGO_BIN_EXE_bkpool"))
         .args([
@@ -212,7 +210,14 @@ async fn a_held_connection_wakes_the_pool_and_an_idle_pool_drains_to_zero() {
 
     // Open connections keep it awake past idleAfter.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert_eq!(replicas(&client, &ns.name).await, 1, "busy pools stay up");
+    assert_eq!(
+        replicas(&client, &ns.name).await,
+        1,
+        "busy pools stay up; gateway logs:\n{}\n---\n{}\ncontroller:\n{}",
+        gateways[0].log.lock().unwrap().join("\n"),
+        gateways[1].log.lock().unwrap().join("\n"),
+        std::fs::read_to_string(dir.path().join("controller.log")).unwrap_or_default()
+    );
     drop((first, second));
 
     // Idle: drained through the status, acknowledged by both gateways, scaled to zero.

@@ -6,29 +6,28 @@
 //! command line runs with what its pod would have (the projected token for audience `bkpool`,
 //! the ServiceAccount's credentials for the ConfigMap), with only the addresses and namespaces
 //! replaced and the build command replaced by a check of what `--exec` hands it. The real
-//! `buildctl` through the gateway needs running pods and is not part of this test.
+//! `buildctl` through the gateway is `kube_front_door`'s part.
 
 #[path = "../control/tests/support/mod.rs"]
 mod cluster;
+mod support;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use cluster::{
     TestNamespace, deployed_namespaces, eventually, install_crd, install_rbac_in,
-    service_account_token, test_client,
+    service_account_token, service_account_token_for, test_client,
 };
 use control::crd::BuildKitPool;
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::Client;
 use kube::api::{Api, PostParams};
-use serde_json::{Value, json};
+use serde_json::Value;
+use support::k8s::{Controller, kubeconfig_with_token};
 
 /// The YAML blocks of the README's "On Kubernetes" section, with namespace `ci` moved to `ns`.
 fn readme_yaml(ns: &str) -> Vec<Vec<Value>> {
@@ -58,68 +57,6 @@ fn readme_yaml(ns: &str) -> Vec<Vec<Value>> {
     blocks
 }
 
-fn kubeconfig_with_token(path: &Path, token: &str) {
-    let admin: serde_yaml::Value = serde_yaml::from_str(
-        &std::fs::read_to_string(std::env::var("BKPOOL_TEST_KUBECONFIG").unwrap()).unwrap(),
-    )
-    .unwrap();
-    let cluster = &admin["clusters"][0]["cluster"];
-    let text = json!({
-        "apiVersion": "v1", "kind": "Config",
-        "clusters": [{"name": "c", "cluster": {
-            "server": cluster["server"].as_str().unwrap(),
-            "certificate-authority-data": cluster["certificate-authority-data"].as_str().unwrap(),
-        }}],
-        "users": [{"name": "u", "user": {"token": token}}],
-        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
-        "current-context": "x",
-    });
-    std::fs::write(path, text.to_string()).unwrap();
-}
-
-/// A `bkpool controller` process serving pools of `ns`, its certificate API on loopback.
-struct Controller {
-    child: std::process::Child,
-    certapi: SocketAddr,
-}
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_controller(ns: &str, system: &str, kubeconfig: &Path) -> Controller {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bkpool"))
-        .args(["--log-format", "json", "controller"])
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .args(["--namespace", ns, "--lease-namespace", system])
-        .args(["--gateway-secret-namespace", system])
-        .args(["--listen", "127.0.0.1:0", "--certapi-listen", "127.0.0.1:0"])
-        .args(["--certapi-name", "127.0.0.1", "--identity", "readme"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start bkpool controller");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("controller admin endpoint") {
-                let v: Value = serde_json::from_str(&line).unwrap();
-                let _ = tx.send(v["fields"]["certapi"].as_str().unwrap().parse().unwrap());
-            }
-        }
-    });
-    let certapi = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("the controller's certificate API address");
-    Controller { child, certapi }
-}
-
 async fn create<K>(client: &Client, ns: &str, doc: &Value, dry_run: bool)
 where
     K: kube::Resource<Scope = kube::core::NamespaceResourceScope>
@@ -138,25 +75,6 @@ where
         .create(&pp, &object)
         .await
         .unwrap_or_else(|e| panic!("README {}: {e}", doc["kind"]));
-}
-
-/// A token of `ns/sa` for `audience`, as a projected volume would hold it.
-async fn token(client: &Client, ns: &str, sa: &str, audience: &str) -> String {
-    let request = TokenRequest {
-        spec: TokenRequestSpec {
-            audiences: vec![audience.to_owned()],
-            expiration_seconds: Some(600),
-            ..TokenRequestSpec::default()
-        },
-        ..TokenRequest::default()
-    };
-    Api::<ServiceAccount>::namespaced(client.clone(), ns)
-        .create_token_request(sa, &PostParams::default(), &request)
-        .await
-        .unwrap()
-        .status
-        .unwrap()
-        .token
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -210,7 +128,14 @@ async fn the_readme_kubernetes_job_gets_a_certificate_as_written() {
         &controller_kubeconfig,
         &service_account_token(&client, &system.name, "bkpool-controller").await,
     );
-    let controller = start_controller(&ns.name, &system.name, &controller_kubeconfig);
+    let controller = Controller::start_in(
+        &ns.name,
+        &system.name,
+        &system.name,
+        &controller_kubeconfig,
+        &dir.path().join("controller.log"),
+    );
+    let certapi = controller.certapi();
     let secrets: Api<k8s_openapi::api::core::v1::Secret> =
         Api::namespaced(client.clone(), &ns.name);
     eventually("the pool's client CA", Duration::from_secs(30), || async {
@@ -220,7 +145,8 @@ async fn the_readme_kubernetes_job_gets_a_certificate_as_written() {
 
     // What the pod would have: the projected token, and its ServiceAccount's credentials.
     let token_file = dir.path().join("token");
-    std::fs::write(&token_file, token(&client, &ns.name, sa, audience).await).unwrap();
+    let token = service_account_token_for(&client, &ns.name, sa, &[audience]).await;
+    std::fs::write(&token_file, token).unwrap();
     let in_cluster = dir.path().join("in-cluster.kubeconfig");
     kubeconfig_with_token(
         &in_cluster,
@@ -242,9 +168,7 @@ async fn the_readme_kubernetes_job_gets_a_certificate_as_written() {
                 Some(("--serviceaccount", _)) => {
                     args.push(format!("--serviceaccount={}", token_file.display()))
                 }
-                Some(("--server", _)) => {
-                    args.push(format!("--server=https://{}", controller.certapi))
-                }
+                Some(("--server", _)) => args.push(format!("--server=https://{certapi}")),
                 _ if arg == "--ca-configmap" => {
                     args.push(format!("--ca-configmap={}/bkpool-certapi-ca", system.name));
                     args.push(format!("--kubeconfig={}", in_cluster.display()));

@@ -34,8 +34,8 @@ pub fn free_ports(ip: IpAddr) -> (u16, u16) {
     )
 }
 
-/// A kubeconfig for the test cluster acting with `token`, written to `dir`.
-pub fn kubeconfig_with_token(dir: &Path, token: &str) -> PathBuf {
+/// A kubeconfig for the test cluster acting with `token`, written to `out`.
+pub fn kubeconfig_with_token(out: &Path, token: &str) -> PathBuf {
     let path = std::env::var("BKPOOL_TEST_KUBECONFIG").unwrap();
     let admin: serde_yaml::Value =
         serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).expect("kubeconfig YAML");
@@ -51,9 +51,8 @@ pub fn kubeconfig_with_token(dir: &Path, token: &str) -> PathBuf {
         "current-context": "x",
     }))
     .unwrap();
-    let out = dir.join("gateway.kubeconfig");
-    std::fs::write(&out, text).unwrap();
-    out
+    std::fs::write(out, text).unwrap();
+    out.to_owned()
 }
 
 /// One `bkpool gateway --kubernetes` replica serving `ns` on `ip`, reading the copies of its
@@ -106,15 +105,37 @@ impl Drop for KillOnDrop {
 
 /// `bkpool controller` (reconcilers and scaler) for `ns`, polling the gateways' activity
 /// every 300 ms and draining after 2 s; it publishes the gateways' Secrets in `secret_ns` and
-/// serves its certificate API on a free loopback port; its log goes to `log`. Killed on drop.
-pub struct Controller(Child);
+/// serves its certificate API on a free loopback port; its log (JSON) goes to `log`. Killed
+/// on drop.
+pub struct Controller {
+    child: Child,
+    log: PathBuf,
+}
 
 impl Controller {
+    /// A controller whose own namespace (its Lease, the gateway Service it polls) is `ns`.
     pub fn start(ns: &str, secret_ns: &str, kubeconfig: &Path, log: &Path) -> Self {
+        Self::start_in(ns, ns, secret_ns, kubeconfig, log)
+    }
+
+    /// A controller of `ns` living in namespace `system`, as deployed.
+    pub fn start_in(
+        ns: &str,
+        system: &str,
+        secret_ns: &str,
+        kubeconfig: &Path,
+        log: &Path,
+    ) -> Self {
         let child = Command::new(env!("CARGO_BIN_EXE_bkpool"))
-            .args(["controller", "--namespace", ns, "--lease-namespace", ns])
+            .args(["--log-format", "json", "controller"])
+            .args(["--namespace", ns, "--lease-namespace", system])
             .args(["--gateway-secret-namespace", secret_ns])
-            .args(["--certapi-listen", "127.0.0.1:0"])
+            .args([
+                "--certapi-listen",
+                "127.0.0.1:0",
+                "--certapi-name",
+                "127.0.0.1",
+            ])
             .args(["--listen", "127.0.0.1:0", "--identity", "e2e"])
             .args(["--activity-interval", "300ms", "--drain-settle", "2s"])
             .arg("--kubeconfig")
@@ -124,14 +145,36 @@ impl Controller {
             .stderr(std::fs::File::create(log).unwrap())
             .spawn()
             .expect("start bkpool controller");
-        Controller(child)
+        Controller {
+            child,
+            log: log.to_owned(),
+        }
+    }
+
+    /// The address its certificate API listens on, once it says so in its log.
+    pub fn certapi(&self) -> std::net::SocketAddr {
+        for _ in 0..200 {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let line = log
+                .lines()
+                .find(|l| l.contains("controller admin endpoint"));
+            if let Some(line) = line {
+                let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                return v["fields"]["certapi"].as_str().unwrap().parse().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "the controller's certificate API address; its log:\n{}",
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
     }
 }
 
 impl Drop for Controller {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -193,14 +236,18 @@ pub fn admin_kubeconfig() -> PathBuf {
 }
 
 /// Connects through `gateway` to the pool named `server_name` and starts HTTP/2 as buildctl
-/// does; returns the open stream once buildkitd's own SETTINGS frame came back through it
-/// (so the pool, if it slept, is awake and serving).
+/// does, acknowledging every SETTINGS frame as a client must; returns the open stream once
+/// buildkitd's own SETTINGS frame came back through it (so the pool, if it slept, is awake and
+/// serving). The gateway's answer to a held connection's preface is an empty SETTINGS frame;
+/// grpc-go's always names its maximum frame size.
 pub async fn h2_hello(
     gateway: std::net::SocketAddr,
     config: &std::sync::Arc<rustls::ClientConfig>,
     server_name: &str,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const SETTINGS: u8 = 4;
+    const ACK: u8 = 1;
     let tcp = tokio::net::TcpStream::connect(gateway).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from(server_name.to_owned()).unwrap();
     let mut tls = tokio_rustls::TlsConnector::from(config.clone())
@@ -208,12 +255,26 @@ pub async fn h2_hello(
         .await
         .expect("handshake with the gateway");
     tls.write_all(control::standin::H2_PREFACE).await.unwrap();
-    tls.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
-    tls.flush().await.unwrap();
-    let mut frame = [0u8; 9];
-    tls.read_exact(&mut frame)
+    tls.write_all(&[0, 0, 0, SETTINGS, 0, 0, 0, 0, 0])
         .await
-        .expect("buildkitd's first frame through the gateway");
-    assert_eq!(frame[3], 4, "a SETTINGS frame: {frame:?}");
-    tls
+        .unwrap();
+    tls.flush().await.unwrap();
+    loop {
+        let mut header = [0u8; 9];
+        tls.read_exact(&mut header)
+            .await
+            .expect("a frame through the gateway");
+        let length = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+        let mut payload = vec![0u8; length];
+        tls.read_exact(&mut payload).await.unwrap();
+        if header[3] == SETTINGS && header[4] & ACK == 0 {
+            tls.write_all(&[0, 0, 0, SETTINGS, ACK, 0, 0, 0, 0])
+                .await
+                .unwrap();
+            tls.flush().await.unwrap();
+            if length > 0 {
+                return tls;
+            }
+        }
+    }
 }

@@ -52,10 +52,21 @@ pub fn client_with_token(mut config: kube::Config, token: &str) -> Client {
 
 /// A token of ServiceAccount `name` in `ns` (for the API server's audience), valid 1 hour.
 pub async fn service_account_token(client: &Client, ns: &str, name: &str) -> String {
+    service_account_token_for(client, ns, name, &[]).await
+}
+
+/// A token of ServiceAccount `name` in `ns` for `audiences` (a projected token's), valid 1
+/// hour; no audience means the API server's.
+pub async fn service_account_token_for(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    audiences: &[&str],
+) -> String {
     let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
     let request = TokenRequest {
         spec: TokenRequestSpec {
-            audiences: vec![],
+            audiences: audiences.iter().map(|a| a.to_string()).collect(),
             expiration_seconds: Some(3600),
             ..TokenRequestSpec::default()
         },
