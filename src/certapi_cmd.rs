@@ -1,5 +1,6 @@
 //! `bkpool certapi --config FILE`: the certificate API on its own, over the local PKI
-//! directory (what local mode will later serve in-process), with `/metrics` on `--admin`.
+//! directory, with `/metrics` on `--admin` (`bkpool local --certapi FILE` serves the same API
+//! in-process, waking its pools).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

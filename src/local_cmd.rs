@@ -8,6 +8,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use control::backend_leg::BackendLeg;
+use control::certapi::Warmer;
+use control::certapi::config::{Assembled, CertApiConfig, assemble};
 use control::driver::{LocalDriver, ProcessSpec};
 use control::local_config::{LocalConfig, ReplicaCommand};
 use control::scale::local::LocalReplicas;
@@ -16,6 +18,7 @@ use prometheus_client::registry::Registry;
 use proxy::config::CertFiles;
 use proxy::names::PoolId;
 use proxy::server::{self, Options};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 #[derive(clap::Args)]
@@ -30,6 +33,12 @@ pub struct Args {
     /// Run the built-in stand-in backend instead of buildkitd, to try the gateway without it.
     #[arg(long)]
     standin: bool,
+    /// Also serve the certificate API, configured as `bkpool certapi`'s (TOML), over this
+    /// instance's PKI: `pki_dir` and `endpoints` default to this instance's, and its pools
+    /// (`local/NAME`) must be pools of this configuration. Issuing a certificate for a
+    /// sleeping pool, or `POST .../wake`, wakes it through the same scaler as a connection.
+    #[arg(long, env = "BKPOOL_LOCAL_CERTAPI")]
+    certapi: Option<PathBuf>,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -64,6 +73,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .iter()
         .map(|p| (p.id.clone(), p.scaling.clone()));
     let scaler = Scaler::new(replicas, policies, config.scaler.clone(), &mut registry);
+    // Before the gateway starts: the API may add names to the server certificate both share.
+    let certapi = match &args.certapi {
+        Some(path) => Some(certapi(path, &config, &pki, &scaler, &mut registry).await?),
+        None => None,
+    };
     let upstreams = scaler.clone();
     let options = Options {
         upstream: Box::new(move |pool| {
@@ -82,6 +96,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let activity = running.gateway.activity().clone();
         async move { scaler.run(activity, stop).await }
     });
+    let stop_api = CancellationToken::new();
+    let certapi = certapi.map(|(listener, assembled)| {
+        let router = control::certapi::router(assembled.state);
+        let stop = stop_api.clone();
+        tokio::spawn(async move {
+            control::certapi::serve(listener, assembled.tls, router, stop.cancelled_owned()).await
+        })
+    });
     tracing::info!(state_dir = %state_dir.display(), pki = %pki.dir().display(), pools = config.pools.len(), "bkpool local ready");
     // So that `bkpool cert issue` finds this state directory (and PKI) without being told.
     let _registration = crate::instances::register(&state_dir, args.config.as_deref());
@@ -93,12 +115,51 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     // Connections first (they may still need their replicas), then the replicas.
     running.shutdown().await;
+    stop_api.cancel();
+    if let Some(api) = certapi {
+        let _ = api.await;
+    }
     stop_loop.cancel();
     let _ = control_loop.await;
     scaler.shutdown().await;
     driver.stop_all().await.context("stopping replicas")?;
     tracing::info!("bkpool local stopped");
     Ok(())
+}
+
+/// The certificate API of `path` over this instance's PKI, waking pools through `scaler`:
+/// its listener, bound, and its state.
+async fn certapi(
+    path: &Path,
+    config: &LocalConfig,
+    pki: &control::pki::LocalPki,
+    scaler: &Scaler,
+    registry: &mut Registry,
+) -> anyhow::Result<(TcpListener, Assembled)> {
+    let mut api =
+        CertApiConfig::load(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    api.pki_dir.get_or_insert_with(|| pki.dir().to_owned());
+    if api.endpoints.is_empty() {
+        api.endpoints = vec![config.listen.to_string()];
+    }
+    let ours: Vec<&PoolId> = config.pools.iter().map(|p| &p.id).collect();
+    if let Some(stranger) = api.pools.iter().find(|p| !ours.contains(&&p.id)) {
+        let ours: Vec<String> = ours.iter().map(|id| id.to_string()).collect();
+        anyhow::bail!(
+            "{}: pool {} is not a pool of this instance ({})",
+            path.display(),
+            stranger.id,
+            ours.join(", ")
+        );
+    }
+    let warmer: Arc<dyn Warmer> = Arc::new(scaler.clone());
+    let assembled = assemble(&api, Some(warmer), registry)
+        .with_context(|| format!("{}: assembling the certificate API", path.display()))?;
+    let listener = TcpListener::bind(api.listen)
+        .await
+        .with_context(|| format!("binding the certificate API on {}", api.listen))?;
+    tracing::info!(listen = %listener.local_addr()?, pools = api.pools.len(), "certificate API listening");
+    Ok((listener, assembled))
 }
 
 /// The configuration file, or the embedded default.

@@ -29,6 +29,11 @@ pub struct Local {
 
 /// Starts `bkpool local` with `body` (pools and more) after the test's top-level settings.
 pub fn local(ports: &str, body: &str) -> Local {
+    local_with(ports, body, |_| Vec::new())
+}
+
+/// [`local`], with `args` (given the configuration's directory) after `bkpool local`'s own.
+pub fn local_with(ports: &str, body: &str, args: impl FnOnce(&Path) -> Vec<String>) -> Local {
     let dir = tempfile::tempdir().unwrap();
     let config =
         format!("listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nports = \"{ports}\"\n{body}\n");
@@ -39,6 +44,7 @@ pub fn local(ports: &str, body: &str) -> Local {
         .arg(dir.path().join("local.toml"))
         .arg("--state-dir")
         .arg(dir.path().join("state"))
+        .args(args(dir.path()))
         .env("XDG_RUNTIME_DIR", dir.path())
         .env("BKPOOL_LOG", "info");
     let super::Listening {
