@@ -32,6 +32,8 @@ const POOL: &str = "default";
 const REPOSITORIES: usize = 12;
 const ROUNDS: usize = 4;
 const CLIENTS: usize = 6;
+/// The pool's replicas, held up throughout.
+const REPLICAS: usize = 3;
 /// The Dockerfile's steps: two `COPY`, three `RUN`.
 const STEPS: usize = 5;
 
@@ -63,15 +65,17 @@ async fn run(buildkit: BuildKit, busybox: PathBuf, seed: u64) {
         "cache: {REPOSITORIES} repositories x {ROUNDS} builds, {CLIENTS} at once, seed {seed}"
     );
     let mut results = Vec::new();
-    let bound = std::env::var("BKPOOL_BENCH_LOAD_BOUND")
-        .map(|b| format!("load_bound = {b}\n"))
-        .unwrap_or_default();
+    let bound: f64 = std::env::var("BKPOOL_BENCH_LOAD_BOUND")
+        .ok()
+        .and_then(|b| b.parse().ok())
+        .unwrap_or(proxy::affinity::DEFAULT_LOAD_BOUND);
+    let affine = format!("load_bound = {bound}\n");
     for (mode, ports, extra) in [
-        ("affine", "31920-31929", bound.as_str()),
+        ("affine", "31920-31929", affine.as_str()),
         ("least-loaded", "31930-31939", ""),
     ] {
         let result = Mode::new(&buildkit, mode, extra, ports, &repos)
-            .run(&order)
+            .run(&order, bound)
             .await;
         println!(
             "{mode:>13}: {:>3} steps cached, {:>3} run, hit ratio {:.2}, {} replicas, {:.1} s",
@@ -80,6 +84,13 @@ async fn run(buildkit: BuildKit, busybox: PathBuf, seed: u64) {
             result.hit_ratio(),
             result.replicas,
             result.took.as_secs_f64()
+        );
+        let load = &result.load;
+        let cap = (bound * load.busiest_of as f64 / REPLICAS as f64).ceil();
+        println!(
+            "{:>13}  busiest replica {} of {} connections (bound: ceil(c x average) = {cap}); \
+             above the bound in {} of {} samples",
+            "", load.busiest, load.busiest_of, load.above, load.samples
         );
         results.push(result);
     }
@@ -145,6 +156,20 @@ struct Outcome {
     ran: usize,
     replicas: usize,
     took: Duration,
+    load: Loads,
+}
+
+/// Replica loads sampled from `/pools` while the builds run.
+#[derive(Default)]
+struct Loads {
+    /// The most connections one replica carried, and how many the pool had then.
+    busiest: usize,
+    busiest_of: usize,
+    /// Samples in which a replica carried more than `⌈c × average⌉`, of those with any
+    /// connection. The bound holds when a connection is placed; one that ends elsewhere can
+    /// leave a replica above it until its own connections end.
+    above: usize,
+    samples: usize,
 }
 
 impl Outcome {
@@ -165,7 +190,7 @@ impl<'a> Mode<'a> {
         command[0] = format!("{:?}", buildkit.buildkitd.display().to_string());
         let body = format!(
             "[[pool]]\nname = \"{POOL}\"\nbalance = \"{balance}\"\n{extra}[pool.scaling]\n\
-             min_replicas = 3\nmax_replicas = 3\nidle_after = \"10m\"\n\
+             min_replicas = {REPLICAS}\nmax_replicas = {REPLICAS}\nidle_after = \"10m\"\n\
              [pool.replica]\ncommand = [{}]\nstop_grace = \"5s\"\n",
             command.join(", ")
         );
@@ -188,10 +213,12 @@ impl<'a> Mode<'a> {
         }
     }
 
-    async fn run(&self, order: &[usize]) -> Outcome {
+    async fn run(&self, order: &[usize], bound: f64) -> Outcome {
         let queue = Arc::new(Mutex::new(order.to_vec()));
         let totals = Arc::new(Mutex::new(Outcome::default()));
         let began = Instant::now();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let sampler = self.sample_loads(bound, stopped);
         let clients: Vec<_> = (0..CLIENTS)
             .map(|_| {
                 let (queue, totals) = (queue.clone(), totals.clone());
@@ -221,15 +248,47 @@ impl<'a> Mode<'a> {
                 })
             })
             .collect();
-        for client in clients {
-            client.await.expect("a client finished");
-        }
+        let clients = async {
+            for client in clients {
+                client.await.expect("a client finished");
+            }
+            let _ = stop.send(());
+        };
+        let ((), load) = tokio::join!(clients, sampler);
         let took = began.elapsed();
         let replicas = self.replicas_started().await;
         let mut totals = std::mem::take(&mut *totals.lock().unwrap());
         totals.took = took;
         totals.replicas = replicas;
+        totals.load = load;
         totals
+    }
+
+    /// Polls the pool's replica loads every 100 ms until `stopped`.
+    async fn sample_loads(
+        &self,
+        bound: f64,
+        mut stopped: tokio::sync::oneshot::Receiver<()>,
+    ) -> Loads {
+        let mut loads = Loads::default();
+        loop {
+            let pool = self.local.pool(POOL).await;
+            let each: Vec<usize> = pool.replicas.iter().map(|r| r.load).collect();
+            let total: usize = each.iter().sum();
+            let busiest = each.iter().copied().max().unwrap_or(0);
+            if total > 0 {
+                loads.samples += 1;
+                let cap = (bound * total as f64 / each.len() as f64).ceil() as usize;
+                loads.above += usize::from(busiest > cap);
+                if busiest > loads.busiest {
+                    (loads.busiest, loads.busiest_of) = (busiest, total);
+                }
+            }
+            tokio::select! {
+                _ = &mut stopped => return loads,
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
     }
 
     async fn replicas_started(&self) -> usize {

@@ -132,6 +132,39 @@ fn route_lookup(c: &mut Criterion) {
     group.finish();
 }
 
+/// Ordering a pool's replicas for one connection: affine (the ring of the caller's identity,
+/// built per connection from the replicas up at that moment) against least-loaded.
+fn replica_order(c: &mut Criterion) {
+    use proxy::affinity::{Balance, DEFAULT_LOAD_BOUND};
+    use proxy::names::BackendAddr;
+    use proxy::route::Candidate;
+    use std::sync::atomic::AtomicUsize;
+    let candidates = |n: usize| -> Vec<Candidate> {
+        (0..n)
+            .map(|i| {
+                let addr = BackendAddr(([127, 0, 0, 1], 20000 + i as u16).into());
+                let load = Arc::new(AtomicUsize::new(i % 3));
+                Candidate::new(addr, format!("bk-{i}").into(), load)
+            })
+            .collect()
+    };
+    let affine = Balance::Affine {
+        load_bound: DEFAULT_LOAD_BOUND,
+    };
+    let caller = Some("system:serviceaccount:ci:repo-7");
+    let mut group = c.benchmark_group("balance");
+    for n in [3, 16] {
+        let replicas = candidates(n);
+        group.bench_function(BenchmarkId::new("affine", n), |b| {
+            b.iter(|| affine.order(black_box(replicas.clone()), black_box(caller)))
+        });
+        group.bench_function(BenchmarkId::new("least_loaded", n), |b| {
+            b.iter(|| Balance::LeastLoaded.order(black_box(replicas.clone()), black_box(caller)))
+        });
+    }
+    group.finish();
+}
+
 #[derive(Default)]
 struct NoTally;
 impl Tally for NoTally {
@@ -208,6 +241,7 @@ criterion_group!(
     client_cert_authorization,
     activity_updates,
     route_lookup,
+    replica_order,
     relay_paths
 );
 criterion_main!(benches);
