@@ -28,6 +28,8 @@
 //! - [`status`]: the scaler's status part and its apply.
 
 pub mod decide;
+#[cfg(test)]
+mod props;
 pub mod reports;
 pub mod status;
 pub mod warm;
