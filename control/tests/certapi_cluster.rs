@@ -302,11 +302,19 @@ async fn each_pool_admits_by_its_own_spec_auth_and_refuses_with_a_stable_reason(
         },
     )
     .await;
-    let mut text = String::new();
-    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    // The wake task records its result after its /scale write is visible: wait for it.
     let woke =
         format!("bkpool_certapi_wake_results_total{{pool=\"{a_listed}\",result=\"scaled_up\"}} 1");
-    assert!(text.contains(&woke), "{text}");
+    eventually(
+        "the wake's result counted",
+        Duration::from_secs(5),
+        || async {
+            let mut text = String::new();
+            prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+            text.contains(&woke).then_some(())
+        },
+    )
+    .await;
     // So does POST .../wake, for a caller the pool admits.
     let (status, body) = api
         .post(
