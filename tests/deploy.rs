@@ -336,7 +336,9 @@ fn the_dashboard_names_only_real_metrics() {
     );
 }
 
-/// Every sample name the gateway and the controller expose, with some of everything recorded.
+/// Every sample name the gateway, the controller (both modes' scalers and the Kubernetes
+/// gateway's waker) and the certificate API expose, with some of everything recorded (a
+/// family shows no sample before its first).
 fn exposed_metric_names() -> BTreeSet<String> {
     let mut registry = prometheus_client::registry::Registry::default();
     let activity = Arc::new(proxy::activity::Activity::default());
@@ -357,6 +359,24 @@ fn exposed_metric_names() -> BTreeSet<String> {
     controller.wrote("pki");
     controller.certificate_expiry("ci/a", "client-ca", SystemTime::now());
     controller.set_leader(true);
+    use control::operator::metrics::{Direction, DrainResult};
+    controller.scaled("ci/a", Direction::Up, "load");
+    controller.drained("ci/a", DrainResult::Confirmed);
+    // Local mode's scaler, the Kubernetes gateway's waker, the certificate API.
+    let local = control::scale::metrics::Metrics::register(&mut registry);
+    local.wake(&pool, "ok");
+    local.wake_phase(&pool, "healthy", Duration::from_millis(1));
+    local.hold_ended(&pool, Duration::from_millis(1));
+    local.scaled(&pool, "up", "wake");
+    local.drain_cancelled(&pool);
+    let waker = control::gateway::metrics::Metrics::register(&mut registry);
+    waker.wake_requested(&pool, control::gateway::upstream::Woke::ScaledUp);
+    waker.woke(&pool, Duration::from_millis(1));
+    waker.held_for(&pool, Duration::from_millis(1));
+    let api = control::certapi::metrics::ApiMetrics::register(&mut registry);
+    api.issued("ci/a", "serviceaccount");
+    api.denied("ci/a", "access_denied");
+    api.wake("ci/a", "certificate", "started");
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
     text.lines()

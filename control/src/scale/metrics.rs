@@ -144,7 +144,7 @@ impl Metrics {
         }
     }
 
-    pub(crate) fn wake(&self, id: &PoolId, result: &'static str) {
+    pub fn wake(&self, id: &PoolId, result: &'static str) {
         let labels = ResultLabels {
             pool: id.to_string(),
             result,
@@ -152,7 +152,7 @@ impl Metrics {
         self.wakes.get_or_create(&labels).inc();
     }
 
-    pub(crate) fn wake_phase(&self, id: &PoolId, phase: &'static str, since_start: Duration) {
+    pub fn wake_phase(&self, id: &PoolId, phase: &'static str, since_start: Duration) {
         let labels = PhaseLabels {
             pool: id.to_string(),
             phase,
@@ -166,7 +166,7 @@ impl Metrics {
         self.held.get_or_create(&pool(id)).inc_by(delta);
     }
 
-    pub(crate) fn hold_ended(&self, id: &PoolId, held_for: Duration) {
+    pub fn hold_ended(&self, id: &PoolId, held_for: Duration) {
         self.hold_seconds
             .get_or_create(&pool(id))
             .observe(held_for.as_secs_f64());
@@ -177,7 +177,7 @@ impl Metrics {
         self.replicas.get_or_create(&pool(id)).set(count);
     }
 
-    pub(crate) fn scaled(&self, id: &PoolId, direction: &'static str, reason: &'static str) {
+    pub fn scaled(&self, id: &PoolId, direction: &'static str, reason: &'static str) {
         let labels = ScaleLabels {
             pool: id.to_string(),
             direction,
@@ -186,7 +186,7 @@ impl Metrics {
         self.scale_events.get_or_create(&labels).inc();
     }
 
-    pub(crate) fn drain_cancelled(&self, id: &PoolId) {
+    pub fn drain_cancelled(&self, id: &PoolId) {
         self.drains_cancelled.get_or_create(&pool(id)).inc();
     }
 }
