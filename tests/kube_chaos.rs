@@ -4,9 +4,12 @@
 //! keeps its own connection. Whatever happens meanwhile:
 //! - a connection that arrives for a sleeping pool is held, not failed, and served once the
 //!   server is back;
-//! - a pool that was draining is not scaled down while a gateway holds a connection for it,
-//!   even if the drain's settle time passes during the outage; the drain is cancelled, the
-//!   connection served, and the pool converges to zero once idle again.
+//! - a pool that was draining is not scaled down while a connection for it is held or open,
+//!   even if the drain's settle time passes during the outage (and the controller loses its
+//!   lease); the connection is served, the drain cancelled, and the pool converges to zero
+//!   once idle again;
+//! - and when the leader dies mid-drain, the new one scales down only on acknowledgements it
+//!   saw itself for a whole settle time.
 
 #[path = "../control/tests/support/mod.rs"]
 mod cluster;
@@ -105,14 +108,21 @@ fn api_server() -> SocketAddr {
         .expect("the API server's address")
 }
 
-fn start_controller(ns: &str, kubeconfig: &Path, log: &Path) -> KillOnDropChild {
+/// A controller of `ns` named `identity`, draining after `settle`, whose lease lasts 4 s.
+fn start_controller(
+    ns: &str,
+    identity: &str,
+    settle: &str,
+    kubeconfig: &Path,
+    log: &Path,
+) -> KillOnDropChild {
     let child = Command::new(env!("CARGO_BIN_EXE_bkpool"))
         .args(["controller", "--namespace", ns, "--lease-namespace", ns])
         .args(["--gateway-secret-namespace", ns])
         .args(["--certapi-listen", "127.0.0.1:0"])
-        .args(["--listen", "127.0.0.1:0", "--identity", "chaos"])
-        // The settle time is longer than the gap between seeing the drain and the cut.
-        .args(["--activity-interval", "300ms", "--drain-settle", "5s"])
+        .args(["--listen", "127.0.0.1:0", "--identity", identity])
+        .args(["--activity-interval", "300ms", "--drain-settle", settle])
+        .args(["--lease-duration", "4s", "--retry-period", "1s"])
         .arg("--kubeconfig")
         .arg(kubeconfig)
         .stdin(Stdio::null())
@@ -156,6 +166,52 @@ async fn replicas_stay(client: &Client, ns: &str, at_least: i32, outage: Duratio
     }
 }
 
+/// A sleeping Deployment pool in `ns` (idle after 2 s), the process kubelet for its pods, and
+/// one gateway (acting with `kubeconfig`) on loopback block `n`, published for the controller;
+/// a client's TLS configuration and the pool's name.
+async fn serve_a_pool(
+    client: &Client,
+    ns: &str,
+    buildkit: &control::testkit::BuildKit,
+    n: u8,
+    kubeconfig: &Path,
+    dir: &Path,
+) -> (Kubelet, KillOnDrop, Arc<rustls::ClientConfig>, String) {
+    let pools: Api<BuildKitPool> = Api::namespaced(client.clone(), ns);
+    let pool: BuildKitPool = serde_json::from_value(json!({
+        "apiVersion": "bkpool.dev/v1alpha1", "kind": "BuildKitPool", "metadata": {"name": POOL},
+        "spec": {"scaling": {"idleAfter": "2s", "minUpAfterWake": "0s", "wakeTimeout": "90s"},
+                 "workload": {"security": "Privileged"}}
+    }))
+    .unwrap();
+    pools.create(&PostParams::default(), &pool).await.unwrap();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    eventually("the pool asleep with its certificates", WAIT, || async {
+        (phase(client, ns).await? == Phase::Sleeping).then_some(())?;
+        secrets
+            .get(&format!("{POOL}-gateway-backend-tls"))
+            .await
+            .ok()
+    })
+    .await;
+
+    let kubelet = Kubelet::builder(client.clone(), ns)
+        .buildkit(buildkit)
+        .start();
+    let ip = loopback(n, 1);
+    let ports = free_ports(ip);
+    let gateway = KillOnDrop(start_gateway(ip, ports, ns, ns, kubeconfig, dir));
+    eventually("gateway ready after its first sync", WAIT, || async {
+        (support::http_get(gateway.admin, "/readyz").await.0 == 200).then_some(())
+    })
+    .await;
+    publish_gateways(client, ns, &[ip], ports.1).await;
+    let client_ca = secrets.get(&format!("{POOL}-client-ca")).await.unwrap();
+    let tls = support::local::client_config(&client_tlsdir(&client_ca, ns, POOL, dir));
+    let name = format!("{POOL}.{ns}.svc");
+    (kubelet, gateway, tls, name)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_api_server_away_during_a_wake_and_a_drain_loses_no_connection() {
     let Some(client) = test_client().await else {
@@ -171,46 +227,11 @@ async fn the_api_server_away_during_a_wake_and_a_drain_loses_no_connection() {
     let relayed: PathBuf = dir.path().join("relayed.kubeconfig");
     relayed_kubeconfig(&relay, &relayed);
 
-    let controller = start_controller(&ns.name, &relayed, &dir.path().join("controller.log"));
-    let pools: Api<BuildKitPool> = Api::namespaced(client.clone(), &ns.name);
-    let pool: BuildKitPool = serde_json::from_value(json!({
-        "apiVersion": "bkpool.dev/v1alpha1", "kind": "BuildKitPool", "metadata": {"name": POOL},
-        "spec": {"scaling": {"idleAfter": "2s", "minUpAfterWake": "0s", "wakeTimeout": "90s"},
-                 "workload": {"security": "Privileged"}}
-    }))
-    .unwrap();
-    pools.create(&PostParams::default(), &pool).await.unwrap();
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
-    eventually("the pool asleep with its certificates", WAIT, || async {
-        (phase(&client, &ns.name).await? == Phase::Sleeping).then_some(())?;
-        secrets
-            .get(&format!("{POOL}-gateway-backend-tls"))
-            .await
-            .ok()
-    })
-    .await;
-
-    let kubelet = Kubelet::builder(client.clone(), &ns.name)
-        .buildkit(&tools.0)
-        .start();
-    let ip = loopback(17, 1);
-    let ports = free_ports(ip);
-    let gateway = KillOnDrop(start_gateway(
-        ip,
-        ports,
-        &ns.name,
-        &ns.name,
-        &relayed,
-        dir.path(),
-    ));
-    eventually("gateway ready after its first sync", WAIT, || async {
-        (support::http_get(gateway.admin, "/readyz").await.0 == 200).then_some(())
-    })
-    .await;
-    publish_gateways(&client, &ns.name, &[ip], ports.1).await;
-    let client_ca = secrets.get(&format!("{POOL}-client-ca")).await.unwrap();
-    let tls = support::local::client_config(&client_tlsdir(&client_ca, &ns.name, POOL, dir.path()));
-    let name = format!("{POOL}.{}.svc", ns.name);
+    // The settle time is longer than the gap between seeing the drain and the cut.
+    let log = dir.path().join("controller.log");
+    let controller = start_controller(&ns.name, "chaos", "5s", &relayed, &log);
+    let (kubelet, gateway, tls, name) =
+        serve_a_pool(&client, &ns.name, &tools.0, 17, &relayed, dir.path()).await;
     let hello = |tls: Arc<rustls::ClientConfig>, name: String| {
         let listen = gateway.listen;
         tokio::spawn(async move { support::k8s::h2_hello(listen, &tls, &name).await })
@@ -263,11 +284,20 @@ async fn the_api_server_away_during_a_wake_and_a_drain_loses_no_connection() {
         .await
         .unwrap_or_else(|_| panic!("served once the API server is back\n{}", logs()))
         .unwrap();
-    assert!(replicas(&client, &ns.name).await >= 1);
+    // With it open, the drain must end without a scale-down, whenever the controller (which
+    // lost its lease in the outage) and the gateway's watches are back.
+    eventually("the drain cancelled, the connection open", WAIT, || async {
+        assert!(
+            replicas(&client, &ns.name).await >= 1,
+            "scaled down under it"
+        );
+        (phase(&client, &ns.name).await? == Phase::Ready).then_some(())
+    })
+    .await;
     let controller_log = std::fs::read_to_string(dir.path().join("controller.log")).unwrap();
     assert!(
         controller_log.contains("drain cancelled"),
-        "the drain was cancelled by the held connection\n{}",
+        "the drain was cancelled by the open connection\n{}",
         logs()
     );
     drop(second);
@@ -282,5 +312,73 @@ async fn the_api_server_away_during_a_wake_and_a_drain_loses_no_connection() {
     .await;
 
     drop((controller, gateway));
+    ns.delete_after(kubelet).await;
+}
+
+/// The log line a controller writes when it becomes the leader.
+const LEADING: &str = "leading: reconciling and scaling";
+
+/// `kill -9` of the leader while a pool drains: the other replica takes the lease and
+/// finishes the drain, but only on acknowledgements it saw itself for a whole settle time,
+/// never on the old leader's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_leader_finishes_a_drain_only_on_its_own_acknowledgements() {
+    let Some(client) = test_client().await else {
+        return;
+    };
+    let Some(tools) = buildkit::tools() else {
+        return;
+    };
+    install_crd(&client).await;
+    let ns = TestNamespace::create(&client, "bkp-leader").await;
+    let dir = tempfile::tempdir().unwrap();
+    let admin = support::k8s::admin_kubeconfig();
+    const SETTLE: Duration = Duration::from_secs(6);
+    let logs = [dir.path().join("a.log"), dir.path().join("b.log")];
+    let mut controllers = [
+        Some(start_controller(&ns.name, "a", "6s", &admin, &logs[0])),
+        Some(start_controller(&ns.name, "b", "6s", &admin, &logs[1])),
+    ];
+    let (kubelet, gateway, tls, name) =
+        serve_a_pool(&client, &ns.name, &tools.0, 18, &admin, dir.path()).await;
+    let log = |i: usize| std::fs::read_to_string(&logs[i]).unwrap_or_default();
+
+    // Woken by a connection, then idle: a drain starts.
+    let first = tokio::time::timeout(WAIT, support::k8s::h2_hello(gateway.listen, &tls, &name))
+        .await
+        .expect("served");
+    drop(first);
+    eventually("the idle pool draining", WAIT, || async {
+        (phase(&client, &ns.name).await? == Phase::Draining).then_some(())
+    })
+    .await;
+
+    // The leader dies before its settle time is up; the other takes over.
+    let leader = (0..2)
+        .find(|&i| log(i).contains(LEADING))
+        .expect("a leader");
+    let follower = 1 - leader;
+    assert!(!log(follower).contains(LEADING), "one leader at a time");
+    controllers[leader].take(); // SIGKILL
+    assert_eq!(replicas(&client, &ns.name).await, 1, "not scaled down yet");
+    let took_over = eventually("the other replica leading", WAIT, || async {
+        log(follower).contains(LEADING).then(Instant::now)
+    })
+    .await;
+
+    // It finishes the drain, a whole settle time after it started to lead at the earliest.
+    let scaled_down = eventually("scaled to zero by the new leader", WAIT, || async {
+        (replicas(&client, &ns.name).await == 0).then(Instant::now)
+    })
+    .await;
+    assert!(
+        scaled_down.duration_since(took_over) >= SETTLE - Duration::from_millis(500),
+        "scaled down {:?} after taking over, within its settle time of {SETTLE:?}\n{}",
+        scaled_down.duration_since(took_over),
+        log(follower)
+    );
+    assert!(log(follower).contains("drain confirmed: scaled down"));
+
+    drop((controllers, gateway));
     ns.delete_after(kubelet).await;
 }
