@@ -382,3 +382,137 @@ async fn a_new_leader_finishes_a_drain_only_on_its_own_acknowledgements() {
     drop((controllers, gateway));
     ns.delete_after(kubelet).await;
 }
+
+/// `kill -9` of a gateway replica holding a connection while a slow pod starts: its client
+/// fails at once (a reset, not a hang), the other replica serves the retry, and the pool is
+/// kept up while the dead replica is still listed (its report is missing: no scale-down on
+/// partial data), then drains to zero once Kubernetes drops the dead address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_gateway_fails_its_clients_fast_and_the_other_serves_their_retries() {
+    let Some(client) = test_client().await else {
+        return;
+    };
+    let Some(tools) = buildkit::tools() else {
+        return;
+    };
+    install_crd(&client).await;
+    let ns = TestNamespace::create(&client, "bkp-gwkill").await;
+    let dir = tempfile::tempdir().unwrap();
+    let admin = support::k8s::admin_kubeconfig();
+    let log = dir.path().join("controller.log");
+    let controller = start_controller(&ns.name, "gwkill", "2s", &admin, &log);
+    let pools: Api<BuildKitPool> = Api::namespaced(client.clone(), &ns.name);
+    let pool: BuildKitPool = serde_json::from_value(json!({
+        "apiVersion": "bkpool.dev/v1alpha1", "kind": "BuildKitPool", "metadata": {"name": POOL},
+        "spec": {"scaling": {"idleAfter": "2s", "minUpAfterWake": "0s", "wakeTimeout": "90s"},
+                 "workload": {"security": "Privileged"}}
+    }))
+    .unwrap();
+    pools.create(&PostParams::default(), &pool).await.unwrap();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    eventually("the pool asleep with its certificates", WAIT, || async {
+        (phase(&client, &ns.name).await? == Phase::Sleeping).then_some(())?;
+        secrets
+            .get(&format!("{POOL}-gateway-backend-tls"))
+            .await
+            .ok()
+    })
+    .await;
+
+    // Pods whose buildkitd starts 8 s late, so that a connection stays held.
+    let slow = dir.path().join("slow-buildkitd");
+    let script = format!(
+        "#!/bin/sh\nsleep 8\nexec {} \"$@\"\n",
+        tools.0.buildkitd.display()
+    );
+    std::fs::write(&slow, script).unwrap();
+    std::fs::set_permissions(&slow, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let kubelet = Kubelet::builder(client.clone(), &ns.name)
+        .image("moby/buildkit", &slow)
+        .programs(tools.0.bin_dir())
+        .start();
+    let (g1, g2) = (loopback(19, 1), loopback(19, 2));
+    let ports = free_ports(g1);
+    let mut gateways = [g1, g2].map(|ip| {
+        KillOnDrop(start_gateway(
+            ip,
+            ports,
+            &ns.name,
+            &ns.name,
+            &admin,
+            dir.path(),
+        ))
+    });
+    for g in &gateways {
+        eventually("gateway ready after its first sync", WAIT, || async {
+            (support::http_get(g.admin, "/readyz").await.0 == 200).then_some(())
+        })
+        .await;
+    }
+    publish_gateways(&client, &ns.name, &[g1, g2], ports.1).await;
+    let client_ca = secrets.get(&format!("{POOL}-client-ca")).await.unwrap();
+    let tls = support::local::client_config(&client_tlsdir(&client_ca, &ns.name, POOL, dir.path()));
+    let name = format!("{POOL}.{}.svc", ns.name);
+    let pool_label = format!("{}/{POOL}", ns.name);
+
+    // Held on the first replica while the pod starts; then that replica dies.
+    let held = {
+        let (listen, tls, name) = (gateways[0].listen, tls.clone(), name.clone());
+        tokio::spawn(async move { support::k8s::h2_hello(listen, &tls, &name).await })
+    };
+    let admin_one = gateways[0].admin;
+    eventually("a connection held on the first replica", WAIT, || async {
+        let metrics = support::http_get(admin_one, "/metrics").await.1;
+        let labels = [("pool", pool_label.as_str())];
+        let held = support::metrics::sample(&metrics, "bkpool_gateway_connections_held", &labels);
+        (held == Some(1.0)).then_some(())
+    })
+    .await;
+    let _ = gateways[0].0.child.kill(); // SIGKILL
+    let failed = tokio::time::timeout(Duration::from_secs(5), held)
+        .await
+        .expect("its client fails at once, not after the wake");
+    assert!(failed.is_err(), "the held connection could not be served");
+
+    // The retry on the other replica is served once the pod is up.
+    let retry = tokio::time::timeout(
+        WAIT,
+        support::k8s::h2_hello(gateways[1].listen, &tls, &name),
+    )
+    .await
+    .expect("the other replica serves the retry");
+    drop(retry);
+
+    // While the dead replica is listed, its missing report keeps the pool up.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(
+        replicas(&client, &ns.name).await,
+        1,
+        "no scale-down on partial data"
+    );
+
+    // Kubernetes drops the dead pod's address: the pool drains to zero.
+    let endpoints: Api<k8s_openapi::api::core::v1::Endpoints> =
+        Api::namespaced(client.clone(), &ns.name);
+    let patch = json!({"subsets": [{"addresses": [{"ip": g2.to_string()}],
+                                    "ports": [{"name": "admin", "port": ports.1}]}]});
+    endpoints
+        .patch(
+            "bkpool-gateway",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    eventually("asleep, no pod left", WAIT, || async {
+        (phase(&client, &ns.name).await? == Phase::Sleeping).then_some(())?;
+        let left = pods.list(&ListParams::default()).await.ok()?.items;
+        left.is_empty().then_some(())
+    })
+    .await;
+
+    gateways[0].0.child.wait().ok();
+    drop((controller, gateways));
+    ns.delete_after(kubelet).await;
+}
