@@ -20,12 +20,12 @@ use control::crd::{BuildKitPool, Phase};
 use control::kubelet::Kubelet;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::Client;
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, ListParams};
 use serde_json::json;
 use support::buildkit::{self, Context, Endpoint};
 use support::k8s::{
-    Controller, KillOnDrop, admin_kubeconfig, client_tlsdir, free_ports, loopback,
-    publish_gateways, start_gateway,
+    Controller, admin_kubeconfig, client_tlsdir, create_sleeping_pool, free_ports, loopback,
+    publish_gateways, slow_buildkitd, start_ready_gateway,
 };
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -87,23 +87,10 @@ async fn build_sleep_build(
     let mut workload = workload;
     workload["kind"] = json!(kind);
     workload["security"] = json!("Privileged");
-    let pools: Api<BuildKitPool> = Api::namespaced(client.clone(), &ns.name);
-    let pool: BuildKitPool = serde_json::from_value(json!({
-        "apiVersion": "bkpool.dev/v1alpha1", "kind": "BuildKitPool", "metadata": {"name": POOL},
-        "spec": {"scaling": {"idleAfter": "2s", "minUpAfterWake": "0s", "wakeTimeout": "60s"},
-                 "workload": workload}
-    }))
-    .unwrap();
-    pools.create(&PostParams::default(), &pool).await.unwrap();
+    let spec = json!({"scaling": {"idleAfter": "2s", "minUpAfterWake": "0s", "wakeTimeout": "60s"},
+                      "workload": workload});
+    create_sleeping_pool(&client, &ns.name, POOL, spec).await;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
-    eventually("the pool asleep with its certificates", WAIT, || async {
-        (phase(&client, &ns.name).await? == Phase::Sleeping).then_some(())?;
-        secrets
-            .get(&format!("{POOL}-gateway-backend-tls"))
-            .await
-            .ok()
-    })
-    .await;
 
     let mut kubelet = Kubelet::builder(client.clone(), &ns.name).buildkit(&tools.0);
     if ready_never {
@@ -112,17 +99,14 @@ async fn build_sleep_build(
     let kubelet = kubelet.start();
     let ip = loopback(n, 1);
     let ports = free_ports(ip);
-    let gateway = KillOnDrop(start_gateway(
+    let gateway = start_ready_gateway(
         ip,
         ports,
         &ns.name,
         &ns.name,
         &admin_kubeconfig(),
         dir.path(),
-    ));
-    eventually("gateway ready after its first sync", WAIT, || async {
-        (support::http_get(gateway.admin, "/readyz").await.0 == 200).then_some(())
-    })
+    )
     .await;
     publish_gateways(&client, &ns.name, &[ip], ports.1).await;
 
@@ -214,50 +198,27 @@ async fn slow_wake(n: u8, preface: bool) -> Option<(std::process::Output, Durati
         &admin_kubeconfig(),
         &dir.path().join("controller.log"),
     );
-    let pools: Api<BuildKitPool> = Api::namespaced(client.clone(), &ns.name);
-    let pool: BuildKitPool = serde_json::from_value(json!({
-        "apiVersion": "bkpool.dev/v1alpha1", "kind": "BuildKitPool", "metadata": {"name": POOL},
-        "spec": {"scaling": {"wakeTimeout": "90s"},
-                 "gateway": {"prefaceWhileWaking": preface},
-                 "workload": {"security": "Privileged"}}
-    }))
-    .unwrap();
-    pools.create(&PostParams::default(), &pool).await.unwrap();
+    let spec = json!({"scaling": {"wakeTimeout": "90s"},
+                      "gateway": {"prefaceWhileWaking": preface},
+                      "workload": {"security": "Privileged"}});
+    create_sleeping_pool(&client, &ns.name, POOL, spec).await;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
-    eventually("the pool asleep with its certificates", WAIT, || async {
-        (phase(&client, &ns.name).await? == Phase::Sleeping).then_some(())?;
-        secrets
-            .get(&format!("{POOL}-gateway-backend-tls"))
-            .await
-            .ok()
-    })
-    .await;
 
-    let slow = dir.path().join("slow-buildkitd");
-    let script = format!(
-        "#!/bin/sh\nsleep {}\nexec {} \"$@\"\n",
-        SLOW_START.as_secs(),
-        tools.0.buildkitd.display()
-    );
-    std::fs::write(&slow, script).unwrap();
-    std::fs::set_permissions(&slow, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let slow = slow_buildkitd(&tools.0.buildkitd, SLOW_START, dir.path());
     let kubelet = Kubelet::builder(client.clone(), &ns.name)
         .image("moby/buildkit", &slow)
         .programs(tools.0.bin_dir())
         .start();
     let ip = loopback(n, 1);
     let ports = free_ports(ip);
-    let gateway = KillOnDrop(start_gateway(
+    let gateway = start_ready_gateway(
         ip,
         ports,
         &ns.name,
         &ns.name,
         &admin_kubeconfig(),
         dir.path(),
-    ));
-    eventually("gateway ready after its first sync", WAIT, || async {
-        (support::http_get(gateway.admin, "/readyz").await.0 == 200).then_some(())
-    })
+    )
     .await;
     publish_gateways(&client, &ns.name, &[ip], ports.1).await;
     let client_ca = secrets.get(&format!("{POOL}-client-ca")).await.unwrap();

@@ -27,11 +27,12 @@ use control::kubelet::Kubelet;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::Client;
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, ListParams};
 use serde_json::json;
 use support::buildkit;
 use support::k8s::{
-    KillOnDrop, client_tlsdir, free_ports, loopback, publish_gateways, start_gateway,
+    KillOnDrop, client_tlsdir, create_sleeping_pool, free_ports, loopback, publish_gateways,
+    slow_buildkitd, start_ready_gateway,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -142,6 +143,12 @@ impl Drop for KillOnDropChild {
     }
 }
 
+/// A Deployment pool idle after 2 s.
+fn pool_spec() -> serde_json::Value {
+    json!({"scaling": {"idleAfter": "2s", "minUpAfterWake": "0s", "wakeTimeout": "90s"},
+           "workload": {"security": "Privileged"}})
+}
+
 async fn replicas(client: &Client, ns: &str) -> i32 {
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
     let scale = deployments
@@ -177,35 +184,15 @@ async fn serve_a_pool(
     kubeconfig: &Path,
     dir: &Path,
 ) -> (Kubelet, KillOnDrop, Arc<rustls::ClientConfig>, String) {
-    let pools: Api<BuildKitPool> = Api::namespaced(client.clone(), ns);
-    let pool: BuildKitPool = serde_json::from_value(json!({
-        "apiVersion": "bkpool.dev/v1alpha1", "kind": "BuildKitPool", "metadata": {"name": POOL},
-        "spec": {"scaling": {"idleAfter": "2s", "minUpAfterWake": "0s", "wakeTimeout": "90s"},
-                 "workload": {"security": "Privileged"}}
-    }))
-    .unwrap();
-    pools.create(&PostParams::default(), &pool).await.unwrap();
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    eventually("the pool asleep with its certificates", WAIT, || async {
-        (phase(client, ns).await? == Phase::Sleeping).then_some(())?;
-        secrets
-            .get(&format!("{POOL}-gateway-backend-tls"))
-            .await
-            .ok()
-    })
-    .await;
-
+    create_sleeping_pool(client, ns, POOL, pool_spec()).await;
     let kubelet = Kubelet::builder(client.clone(), ns)
         .buildkit(buildkit)
         .start();
     let ip = loopback(n, 1);
     let ports = free_ports(ip);
-    let gateway = KillOnDrop(start_gateway(ip, ports, ns, ns, kubeconfig, dir));
-    eventually("gateway ready after its first sync", WAIT, || async {
-        (support::http_get(gateway.admin, "/readyz").await.0 == 200).then_some(())
-    })
-    .await;
+    let gateway = start_ready_gateway(ip, ports, ns, ns, kubeconfig, dir).await;
     publish_gateways(client, ns, &[ip], ports.1).await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     let client_ca = secrets.get(&format!("{POOL}-client-ca")).await.unwrap();
     let tls = support::local::client_config(&client_tlsdir(&client_ca, ns, POOL, dir));
     let name = format!("{POOL}.{ns}.svc");
@@ -401,54 +388,21 @@ async fn a_killed_gateway_fails_its_clients_fast_and_the_other_serves_their_retr
     let admin = support::k8s::admin_kubeconfig();
     let log = dir.path().join("controller.log");
     let controller = start_controller(&ns.name, "gwkill", "2s", &admin, &log);
-    let pools: Api<BuildKitPool> = Api::namespaced(client.clone(), &ns.name);
-    let pool: BuildKitPool = serde_json::from_value(json!({
-        "apiVersion": "bkpool.dev/v1alpha1", "kind": "BuildKitPool", "metadata": {"name": POOL},
-        "spec": {"scaling": {"idleAfter": "2s", "minUpAfterWake": "0s", "wakeTimeout": "90s"},
-                 "workload": {"security": "Privileged"}}
-    }))
-    .unwrap();
-    pools.create(&PostParams::default(), &pool).await.unwrap();
+    create_sleeping_pool(&client, &ns.name, POOL, pool_spec()).await;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
-    eventually("the pool asleep with its certificates", WAIT, || async {
-        (phase(&client, &ns.name).await? == Phase::Sleeping).then_some(())?;
-        secrets
-            .get(&format!("{POOL}-gateway-backend-tls"))
-            .await
-            .ok()
-    })
-    .await;
 
     // Pods whose buildkitd starts 8 s late, so that a connection stays held.
-    let slow = dir.path().join("slow-buildkitd");
-    let script = format!(
-        "#!/bin/sh\nsleep 8\nexec {} \"$@\"\n",
-        tools.0.buildkitd.display()
-    );
-    std::fs::write(&slow, script).unwrap();
-    std::fs::set_permissions(&slow, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let slow = slow_buildkitd(&tools.0.buildkitd, Duration::from_secs(8), dir.path());
     let kubelet = Kubelet::builder(client.clone(), &ns.name)
         .image("moby/buildkit", &slow)
         .programs(tools.0.bin_dir())
         .start();
     let (g1, g2) = (loopback(19, 1), loopback(19, 2));
     let ports = free_ports(g1);
-    let mut gateways = [g1, g2].map(|ip| {
-        KillOnDrop(start_gateway(
-            ip,
-            ports,
-            &ns.name,
-            &ns.name,
-            &admin,
-            dir.path(),
-        ))
-    });
-    for g in &gateways {
-        eventually("gateway ready after its first sync", WAIT, || async {
-            (support::http_get(g.admin, "/readyz").await.0 == 200).then_some(())
-        })
-        .await;
-    }
+    let mut gateways = [
+        start_ready_gateway(g1, ports, &ns.name, &ns.name, &admin, dir.path()).await,
+        start_ready_gateway(g2, ports, &ns.name, &ns.name, &admin, dir.path()).await,
+    ];
     publish_gateways(&client, &ns.name, &[g1, g2], ports.1).await;
     let client_ca = secrets.get(&format!("{POOL}-client-ca")).await.unwrap();
     let tls = support::local::client_config(&client_tlsdir(&client_ca, &ns.name, POOL, dir.path()));

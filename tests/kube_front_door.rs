@@ -29,8 +29,8 @@ use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
 use support::buildkit::{self, Context, Endpoint};
 use support::k8s::{
-    Controller, KillOnDrop, free_ports, kubeconfig_with_token, loopback, publish_gateways,
-    secret_text, start_gateway,
+    Controller, create_sleeping_pool, free_ports, kubeconfig_with_token, loopback,
+    publish_gateways, secret_text, start_ready_gateway,
 };
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -134,25 +134,6 @@ async fn a_ci_token_becomes_a_build_on_a_pool_woken_from_zero_and_nowhere_else()
         .create(&PostParams::default(), &account)
         .await
         .unwrap();
-    let pools: Api<BuildKitPool> = Api::namespaced(client.clone(), &ns.name);
-    for (name, auth) in [
-        (
-            POOL,
-            json!({"mode": "ServiceAccounts", "serviceAccounts": [BUILDER]}),
-        ),
-        (OTHER, json!({"mode": "ServiceAccounts"})),
-    ] {
-        let pool: BuildKitPool = serde_json::from_value(json!({
-            "apiVersion": "bkpool.dev/v1alpha1", "kind": "BuildKitPool",
-            "metadata": {"name": name},
-            "spec": {"auth": auth,
-                     "scaling": {"idleAfter": "2s", "minUpAfterWake": "0s", "wakeTimeout": "60s"},
-                     "workload": {"security": "Privileged"}}
-        }))
-        .unwrap();
-        pools.create(&PostParams::default(), &pool).await.unwrap();
-    }
-
     let controller = Controller::start_in(
         &ns.name,
         &system.name,
@@ -161,29 +142,33 @@ async fn a_ci_token_becomes_a_build_on_a_pool_woken_from_zero_and_nowhere_else()
         &dir.path().join("controller.log"),
     );
     let certapi = controller.certapi().to_string();
+    for (name, auth) in [
+        (
+            POOL,
+            json!({"mode": "ServiceAccounts", "serviceAccounts": [BUILDER]}),
+        ),
+        (OTHER, json!({"mode": "ServiceAccounts"})),
+    ] {
+        let spec = json!({"auth": auth,
+                          "scaling": {"idleAfter": "2s", "minUpAfterWake": "0s", "wakeTimeout": "60s"},
+                          "workload": {"security": "Privileged"}});
+        create_sleeping_pool(&client, &ns.name, name, spec).await;
+    }
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
-    eventually("both pools asleep", WAIT, || async {
-        (phase(&client, &ns.name, POOL).await? == Phase::Sleeping).then_some(())?;
-        (phase(&client, &ns.name, OTHER).await? == Phase::Sleeping).then_some(())
-    })
-    .await;
 
     let kubelet = Kubelet::builder(client.clone(), &ns.name)
         .buildkit(&tools.0)
         .start();
     let ip = loopback(16, 1);
     let ports = free_ports(ip);
-    let gateway = KillOnDrop(start_gateway(
+    let gateway = start_ready_gateway(
         ip,
         ports,
         &ns.name,
         &published.name,
         &gateway_kubeconfig,
         dir.path(),
-    ));
-    eventually("gateway ready after its first sync", WAIT, || async {
-        (support::http_get(gateway.admin, "/readyz").await.0 == 200).then_some(())
-    })
+    )
     .await;
     publish_gateways(&client, &system.name, &[ip], ports.1).await;
     assert!(

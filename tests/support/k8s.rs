@@ -278,3 +278,80 @@ pub async fn h2_hello(
         }
     }
 }
+
+/// How long the helpers below wait for the cluster.
+const CLUSTER_WAIT: Duration = Duration::from_secs(90);
+
+/// Polls `probe` every 200 ms until it answers, for [`CLUSTER_WAIT`] at most.
+async fn poll<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let began = std::time::Instant::now();
+    loop {
+        if let Some(found) = probe().await {
+            return found;
+        }
+        assert!(
+            began.elapsed() < CLUSTER_WAIT,
+            "{what}: not within {CLUSTER_WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Creates pool `name` in `ns` with `spec` and waits until the operator has put it to sleep
+/// with its certificates issued.
+pub async fn create_sleeping_pool(client: &Client, ns: &str, name: &str, spec: serde_json::Value) {
+    use control::crd::{BuildKitPool, Phase};
+    let pools: Api<BuildKitPool> = Api::namespaced(client.clone(), ns);
+    let pool: BuildKitPool = serde_json::from_value(json!({
+        "apiVersion": "bkpool.dev/v1alpha1", "kind": "BuildKitPool", "metadata": {"name": name},
+        "spec": spec
+    }))
+    .unwrap();
+    pools.create(&PostParams::default(), &pool).await.unwrap();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    poll("the pool asleep with its certificates", || async {
+        let status = pools.get(name).await.ok()?.status?;
+        (status.phase? == Phase::Sleeping).then_some(())?;
+        secrets
+            .get(&format!("{name}-gateway-backend-tls"))
+            .await
+            .ok()
+    })
+    .await;
+}
+
+/// [`start_gateway`], killed on drop, once it has synced with the cluster (`/readyz`).
+pub async fn start_ready_gateway(
+    ip: IpAddr,
+    ports: (u16, u16),
+    ns: &str,
+    secret_ns: &str,
+    kubeconfig: &Path,
+    dir: &Path,
+) -> KillOnDrop {
+    let gateway = KillOnDrop(start_gateway(ip, ports, ns, secret_ns, kubeconfig, dir));
+    poll("gateway ready after its first sync", || async {
+        (super::http_get(gateway.admin, "/readyz").await.0 == 200).then_some(())
+    })
+    .await;
+    gateway
+}
+
+/// A script in `dir` that starts `buildkitd` with its arguments `delay` late: what the
+/// process kubelet runs for a pod whose start waits for a node or an image.
+pub fn slow_buildkitd(buildkitd: &Path, delay: Duration, dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("slow-buildkitd");
+    let script = format!(
+        "#!/bin/sh\nsleep {}\nexec {} \"$@\"\n",
+        delay.as_secs(),
+        buildkitd.display()
+    );
+    std::fs::write(&path, script).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
