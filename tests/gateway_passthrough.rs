@@ -13,27 +13,6 @@ use support::{Pattern, backends, gateway};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// A backend that terminates mTLS for `pool` (as buildkitd does in passthrough) and echoes.
-async fn tls_echo_backend(pki: &TestPki, pool: &str) -> SocketAddr {
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(pki.server_config(pool, &[b"h2"])));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let (mut r, mut w) = tokio::io::split(tls);
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
-}
-
 /// A real ClientHello naming `sni`, as the first bytes a TLS client sends.
 fn client_hello(pki: &TestPki, sni: &str) -> Vec<u8> {
     let config = Arc::new(pki.client("a", "alice").config(&[b"h2"]));
@@ -79,7 +58,7 @@ async fn raw_sink_after_hello(total: usize) -> SocketAddr {
 #[tokio::test]
 async fn tls_flows_end_to_end_through_passthrough_with_the_backend_verifying_the_client() {
     let pki = Arc::new(TestPki::new().pool("a").server_name("builds.example"));
-    let backend = tls_echo_backend(&pki, "a").await;
+    let backend = backends::tls_echo(&pki, "a").await;
     let gw = gateway(&pki)
         .passthrough("a", "builds.example", backend)
         .start();
@@ -116,7 +95,7 @@ async fn tls_flows_end_to_end_through_passthrough_with_the_backend_verifying_the
 #[tokio::test]
 async fn an_sni_split_across_segments_is_still_routed() {
     let pki = Arc::new(TestPki::new().pool("a").server_name("builds.example"));
-    let backend = tls_echo_backend(&pki, "a").await;
+    let backend = backends::tls_echo(&pki, "a").await;
     let gw = gateway(&pki)
         .passthrough("a", "builds.example", backend)
         .start();

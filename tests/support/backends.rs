@@ -153,3 +153,24 @@ pub fn unanswered() -> Unanswered {
         _queued: queued,
     }
 }
+
+/// A backend that terminates mTLS for `pool` (as buildkitd does in passthrough) and echoes.
+pub async fn tls_echo(pki: &control::pki::testing::TestPki, pool: &str) -> SocketAddr {
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(pki.server_config(pool, &[b"h2"])));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let (mut r, mut w) = tokio::io::split(tls);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
