@@ -16,7 +16,7 @@ use crate::pki::Ca;
 use crate::pki::csr::{self, CsrError};
 
 /// The control plane's fuzz targets and their checks, by target name.
-pub const TARGETS: [(&str, fn(&[u8])); 3] = [
+pub const TARGETS: [(&str, proxy::fuzzing::Check); 3] = [
     ("token", crate::auth::fuzz_token),
     ("crd_spec", crd_spec),
     ("csr", csr_request),

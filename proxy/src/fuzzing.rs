@@ -12,8 +12,11 @@ use crate::config::{GatewayConfig, Mode};
 use crate::identify::{identify, parse_uri, uri_san};
 use crate::preface::{self, Fallback, Held};
 
+/// A fuzz target's check: panics when a property breaks on `data`.
+pub type Check = fn(&[u8]);
+
 /// The data plane's fuzz targets and their checks, by target name.
-pub const TARGETS: [(&str, fn(&[u8])); 4] = [
+pub const TARGETS: [(&str, Check); 4] = [
     ("clienthello", client_hello),
     ("identify", identify_certificate),
     ("gateway_config", gateway_config),
@@ -232,7 +235,7 @@ pub fn corpus(target: &str) -> Vec<PathBuf> {
 
 /// Runs `check` over every committed corpus file of `target`, naming the file that fails.
 /// Returns how many files it ran.
-pub fn replay(target: &str, check: fn(&[u8])) -> usize {
+pub fn replay(target: &str, check: Check) -> usize {
     let files = corpus(target);
     for file in &files {
         let data = std::fs::read(file).unwrap();
