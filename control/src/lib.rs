@@ -13,6 +13,7 @@
 //! - `grpc`: the hand-encoded gRPC frame and `grpc.health.v1` messages.
 //! - [`crd`]: the `BuildKitPool` custom resource, its schema and semantic validation.
 //! - [`operator`]: the Kubernetes reconcilers, the controller and leader election.
+//! - [`fuzzing`]: the checks the control plane's fuzz targets run, replayed by `cargo test`.
 //! - `kubelet` (feature `test-util`): a process kubelet for test clusters without one: binds
 //!   pods and runs their containers as local processes (the real buildkitd).
 //! - `testkit` (feature `test-util`): how a test skips (never silently), and what tests need
@@ -22,6 +23,8 @@ pub mod backend_leg;
 pub mod certapi;
 pub mod crd;
 pub mod driver;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gateway;
 mod grpc;
 pub mod health;

@@ -2,6 +2,4 @@
 //! token over the size bound (`control::auth::fuzz_token`: a rule pattern, a newline, a token).
 #![no_main]
 
-use libfuzzer_sys::fuzz_target;
-
-fuzz_target!(|data: &[u8]| control::auth::fuzz_token(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| control::auth::fuzz_token(data));

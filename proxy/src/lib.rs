@@ -20,6 +20,7 @@
 //! - [`affinity`]: cache-affine backend choice (consistent hashing with bounded loads).
 //! - [`activity`]: lock-free per-pool activity for the control loop.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`fuzzing`]: the checks the fuzz targets run, replayed over their corpus by `cargo test`.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/activity`.
 //! - `testing` (feature `test-util`): TLS fixtures over loopback for tests and examples.
 //! - [`server`]: starts a whole gateway from a configuration (credentials first, then bind).
@@ -32,6 +33,8 @@ pub mod config;
 pub mod connect;
 pub mod connection;
 pub mod credentials;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gateway;
 pub mod handshake;
 pub mod hold;

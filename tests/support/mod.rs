@@ -36,6 +36,7 @@ pub struct GatewayBuilder {
     pki: Arc<TestPki>,
     pools: Vec<PoolSpec>,
     top: String,
+    open_files: Option<u64>,
 }
 
 /// A running `bkpool gateway` process, killed on drop.
@@ -53,6 +54,7 @@ pub fn gateway(pki: &Arc<TestPki>) -> GatewayBuilder {
         pki: pki.clone(),
         pools: Vec::new(),
         top: String::new(),
+        open_files: None,
     }
 }
 
@@ -101,6 +103,12 @@ impl GatewayBuilder {
         self
     }
 
+    /// Runs the gateway with this open-files limit (soft and hard, so it cannot raise it).
+    pub fn open_files(mut self, limit: u64) -> Self {
+        self.open_files = Some(limit);
+        self
+    }
+
     pub fn config_text(&self) -> String {
         let mut t = format!(
             "listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n{}\n",
@@ -131,7 +139,7 @@ impl GatewayBuilder {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gateway.toml");
         std::fs::write(&path, self.config_text()).unwrap();
-        start_binary(&path, dir, self.pki)
+        start_binary_with(&path, dir, self.pki, self.open_files)
     }
 }
 
@@ -141,7 +149,30 @@ pub fn start_binary(
     config_dir: tempfile::TempDir,
     pki: Arc<TestPki>,
 ) -> GatewayProcess {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_bkpool"));
+    start_binary_with(path, config_dir, pki, None)
+}
+
+/// [`start_binary`], under an open-files limit when one is given: the shell sets it and then
+/// execs the gateway, so the child's pid is the gateway's.
+fn start_binary_with(
+    path: &Path,
+    config_dir: tempfile::TempDir,
+    pki: Arc<TestPki>,
+    open_files: Option<u64>,
+) -> GatewayProcess {
+    let bin = env!("CARGO_BIN_EXE_bkpool");
+    let mut command = match open_files {
+        None => Command::new(bin),
+        Some(limit) => {
+            let mut sh = Command::new("sh");
+            sh.args([
+                "-c",
+                &format!("ulimit -n {limit} && exec \"$0\" \"$@\""),
+                bin,
+            ]);
+            sh
+        }
+    };
     command
         .args(["--log-format", "json", "gateway", "--config"])
         .arg(path)
