@@ -38,11 +38,21 @@ struct Totals {
     failed: AtomicU64,
     bytes: AtomicU64,
     corrupted: AtomicU64,
+    /// Failures by target (t, p, local) and stage (connect, TLS, echo).
+    failures: [[AtomicU64; 3]; 3],
+}
+
+impl Totals {
+    fn failed(&self, target: usize, stage: usize) {
+        self.failed.fetch_add(1, Relaxed);
+        self.failures[target][stage].fetch_add(1, Relaxed);
+    }
 }
 
 /// Where a client goes: the address, the TLS client, the name it asks for.
 #[derive(Clone)]
 struct Target {
+    index: usize,
     addr: std::net::SocketAddr,
     tls: Arc<rustls::ClientConfig>,
     name: &'static str,
@@ -77,16 +87,19 @@ async fn soak(length: Duration, csv: &str) {
     let local_tls = local.issue("s");
     let targets = [
         Target {
+            index: 0,
             addr: gw.listen,
             tls: pki.client("t", "soak").arc_config(&[]),
             name: "localhost",
         },
         Target {
+            index: 1,
             addr: gw.listen,
             tls: pki.client("p", "soak").arc_config(&[]),
             name: SNI,
         },
         Target {
+            index: 2,
             addr: local.listen,
             tls: support::local::client_config(&local_tls),
             name: "localhost",
@@ -198,6 +211,13 @@ async fn soak(length: Duration, csv: &str) {
         totals.bytes.load(Relaxed),
         totals.corrupted.load(Relaxed)
     );
+    for (name, stages) in ["t (terminate)", "p (passthrough)", "local"]
+        .iter()
+        .zip(&totals.failures)
+    {
+        let [connect, tls, echo] = stages.each_ref().map(|n| n.load(Relaxed));
+        println!("failures through {name}: connect {connect}, TLS {tls}, echo {echo}");
+    }
     println!("certificate rewrites {reloads}, reloads the gateway counted {reloaded}");
     let wakes = local
         .metric(
@@ -223,7 +243,7 @@ async fn soak(length: Duration, csv: &str) {
 async fn exchange(target: &Target, len: usize, seed: u64, totals: &Totals) {
     totals.connections.fetch_add(1, Relaxed);
     let Ok(tcp) = TcpStream::connect(target.addr).await else {
-        totals.failed.fetch_add(1, Relaxed);
+        totals.failed(target.index, 0);
         return;
     };
     let name = ServerName::try_from(target.name).unwrap();
@@ -231,7 +251,7 @@ async fn exchange(target: &Target, len: usize, seed: u64, totals: &Totals) {
         .connect(name, tcp)
         .await
     else {
-        totals.failed.fetch_add(1, Relaxed);
+        totals.failed(target.index, 1);
         return;
     };
     let (mut r, mut w) = tokio::io::split(tls);
@@ -254,7 +274,7 @@ async fn exchange(target: &Target, len: usize, seed: u64, totals: &Totals) {
     while left > 0 {
         let n = left.min(got.len());
         if r.read_exact(&mut got[..n]).await.is_err() {
-            totals.failed.fetch_add(1, Relaxed);
+            totals.failed(target.index, 2);
             return;
         }
         pattern.fill(&mut want[..n]);
