@@ -13,7 +13,6 @@ mod support;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,7 +30,8 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use support::http_get;
 use support::k8s::{
-    client_tlsdir, free_ports, kubeconfig_with_token, loopback, publish_gateways, start_gateway,
+    Controller, client_tlsdir, free_ports, kubeconfig_with_token, loopback, publish_gateways,
+    start_ready_gateway,
 };
 use tokio::net::TcpStream;
 
@@ -98,27 +98,12 @@ async fn a_held_connection_wakes_the_pool_and_an_idle_pool_drains_to_zero() {
         let token = service_account_token(&client, &ns.name, "bkpool-controller").await;
         kubeconfig_with_token(&dir.path().join("controller.kubeconfig"), &token)
     };
-    let mut controller = Command::new(env!("CARGO_BIN_EXE_bkpool"))
-        .args([
-            "controller",
-            "--namespace",
-            &ns.name,
-            "--lease-namespace",
-            &ns.name,
-            "--gateway-secret-namespace",
-            &published.name,
-            "--certapi-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--listen", "127.0.0.1:0", "--identity", "e2e"])
-        .args(["--activity-interval", "300ms", "--drain-settle", "2s"])
-        .arg("--kubeconfig")
-        .arg(&controller_kubeconfig)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(dir.path().join("controller.log")).unwrap())
-        .spawn()
-        .expect("start bkpool controller");
+    let controller = Controller::start(
+        &ns.name,
+        &published.name,
+        &controller_kubeconfig,
+        &dir.path().join("controller.log"),
+    );
 
     let pools: Api<BuildKitPool> = Api::namespaced(client.clone(), &ns.name);
     let pool: BuildKitPool = serde_json::from_value(json!({
@@ -143,29 +128,25 @@ async fn a_held_connection_wakes_the_pool_and_an_idle_pool_drains_to_zero() {
     let (g1, g2) = (loopback(0, 1), loopback(0, 2));
     let ports = free_ports(g1);
     let gateways = [
-        start_gateway(
+        start_ready_gateway(
             g1,
             ports,
             &ns.name,
             &published.name,
             &gateway_kubeconfig,
             dir.path(),
-        ),
-        start_gateway(
+        )
+        .await,
+        start_ready_gateway(
             g2,
             ports,
             &ns.name,
             &published.name,
             &gateway_kubeconfig,
             dir.path(),
-        ),
+        )
+        .await,
     ];
-    for g in &gateways {
-        eventually("gateway ready after its first sync", WAIT, || async {
-            (http_get(g.admin, "/readyz").await.0 == 200).then_some(())
-        })
-        .await;
-    }
     publish_gateways(&client, &ns.name, &[g1, g2], ports.1).await;
 
     let client_ca = secrets.get(&format!("{POOL}-client-ca")).await.unwrap();
@@ -309,12 +290,7 @@ async fn a_held_connection_wakes_the_pool_and_an_idle_pool_drains_to_zero() {
         "delete a pod",
     );
 
-    for mut g in gateways {
-        let _ = g.child.kill();
-        let _ = g.child.wait();
-    }
-    let _ = controller.kill();
-    let _ = controller.wait();
+    drop((gateways, controller));
     let roles: Api<ClusterRole> = Api::all(client.clone());
     let bindings: Api<ClusterRoleBinding> = Api::all(client.clone());
     for name in [gateway_role, controller_role] {
