@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use control::testkit::BuildKit;
-use support::buildkit::{Endpoint, buildctl, describe};
+use support::buildkit::{Endpoint, describe, dockerfile_build};
 use support::local::Local;
 
 const POOL: &str = "default";
@@ -298,20 +298,7 @@ impl<'a> Mode<'a> {
 
 /// Builds `dir` through `endpoint`; the Dockerfile steps BuildKit reported cached and run.
 async fn build(buildkit: &BuildKit, endpoint: &Endpoint, dir: &Path) -> (usize, usize) {
-    let context = format!("context={}", dir.display());
-    let dockerfile = format!("dockerfile={}", dir.display());
-    let args = [
-        "build",
-        "--progress",
-        "plain",
-        "--frontend",
-        "dockerfile.v0",
-        "--local",
-        &context,
-        "--local",
-        &dockerfile,
-    ];
-    let output = buildctl(buildkit, endpoint, &args).await;
+    let output = dockerfile_build(buildkit, endpoint, dir, None).await;
     assert!(
         output.status.success(),
         "build failed: {}",

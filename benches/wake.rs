@@ -41,7 +41,7 @@ use control::kubelet::Kubelet;
 use control::testkit::BuildKit;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::Client;
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, ListParams};
 use proxy::names::PoolId;
 use serde_json::json;
 
@@ -254,7 +254,7 @@ struct KubePool {
     client: Client,
     ns: cluster::TestNamespace,
     kubelet: Kubelet,
-    gateway: support::Listening,
+    gateway: support::k8s::KillOnDrop,
     _controller: support::k8s::Controller,
     config: std::sync::Arc<rustls::ClientConfig>,
     /// When this bench's watch first saw a pod, and first saw it Running with an IP.
@@ -314,43 +314,15 @@ impl KubePool {
             &admin_kubeconfig(),
             &dir.path().join("controller.log"),
         );
-        let pools: Api<BuildKitPool> = Api::namespaced(client.clone(), &ns.name);
-        let pool: BuildKitPool = serde_json::from_value(json!({
-            "apiVersion": "bkpool.dev/v1alpha1", "kind": "BuildKitPool",
-            "metadata": {"name": POOL},
-            "spec": {"scaling": {"idleAfter": "1s", "minUpAfterWake": "0s", "wakeTimeout": "60s"},
-                     "workload": {"security": "Privileged"}}
-        }))
-        .unwrap();
-        pools.create(&PostParams::default(), &pool).await.unwrap();
-        let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
-        cluster::eventually("the pool asleep with its certificates", WAIT, || async {
-            let status = pools.get(POOL).await.ok()?.status?;
-            (status.phase == Some(Phase::Sleeping)).then_some(())?;
-            secrets
-                .get(&format!("{POOL}-gateway-backend-tls"))
-                .await
-                .ok()
-        })
-        .await;
+        let spec = json!({"scaling": {"idleAfter": "1s", "minUpAfterWake": "0s", "wakeTimeout": "60s"},
+                          "workload": {"security": "Privileged"}});
+        create_sleeping_pool(&client, &ns.name, POOL, spec).await;
         let kubelet = Kubelet::builder(client.clone(), &ns.name)
             .buildkit(buildkit)
             .start();
-        let ip = loopback(20, 1);
-        let ports = free_ports(ip);
-        let gateway = start_gateway(
-            ip,
-            ports,
-            &ns.name,
-            &ns.name,
-            &admin_kubeconfig(),
-            dir.path(),
-        );
-        cluster::eventually("the gateway ready", WAIT, || async {
-            (support::http_get(gateway.admin, "/readyz").await.0 == 200).then_some(())
-        })
-        .await;
-        publish_gateways(&client, &ns.name, &[ip], ports.1).await;
+        let gateway =
+            published_gateway(&client, &ns.name, 20, &admin_kubeconfig(), dir.path()).await;
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
         let client_ca = secrets.get(&format!("{POOL}-client-ca")).await.unwrap();
         let tlsdir = client_tlsdir(&client_ca, &ns.name, POOL, dir.path());
         let seen = std::sync::Arc::default();
@@ -396,7 +368,7 @@ impl KubePool {
         (took, since(seen.created), since(seen.running))
     }
 
-    async fn stop(mut self) {
+    async fn stop(self) {
         self.watch.abort();
         // The gateway's own account: how long each starting pod took to answer its probe.
         for line in self.gateway.log.lock().unwrap().iter() {
@@ -404,8 +376,7 @@ impl KubePool {
                 eprintln!("wake: gateway: {line}");
             }
         }
-        let _ = self.gateway.child.kill();
-        let _ = self.gateway.child.wait();
+        drop(self.gateway);
         self.ns.delete_after(self.kubelet).await;
     }
 }

@@ -24,8 +24,8 @@ use kube::api::{Api, ListParams};
 use serde_json::json;
 use support::buildkit::{self, Context, Endpoint};
 use support::k8s::{
-    Controller, admin_kubeconfig, client_tlsdir, create_sleeping_pool, free_ports, loopback,
-    publish_gateways, slow_buildkitd, start_ready_gateway,
+    Controller, admin_kubeconfig, client_tlsdir, create_sleeping_pool, published_gateway,
+    slow_buildkitd,
 };
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -97,18 +97,7 @@ async fn build_sleep_build(
         kubelet = kubelet.readiness_never_passes();
     }
     let kubelet = kubelet.start();
-    let ip = loopback(n, 1);
-    let ports = free_ports(ip);
-    let gateway = start_ready_gateway(
-        ip,
-        ports,
-        &ns.name,
-        &ns.name,
-        &admin_kubeconfig(),
-        dir.path(),
-    )
-    .await;
-    publish_gateways(&client, &ns.name, &[ip], ports.1).await;
+    let gateway = published_gateway(&client, &ns.name, n, &admin_kubeconfig(), dir.path()).await;
 
     let client_ca = secrets.get(&format!("{POOL}-client-ca")).await.unwrap();
     let endpoint = Endpoint {
@@ -209,18 +198,7 @@ async fn slow_wake(n: u8, preface: bool) -> Option<(std::process::Output, Durati
         .image("moby/buildkit", &slow)
         .programs(tools.0.bin_dir())
         .start();
-    let ip = loopback(n, 1);
-    let ports = free_ports(ip);
-    let gateway = start_ready_gateway(
-        ip,
-        ports,
-        &ns.name,
-        &ns.name,
-        &admin_kubeconfig(),
-        dir.path(),
-    )
-    .await;
-    publish_gateways(&client, &ns.name, &[ip], ports.1).await;
+    let gateway = published_gateway(&client, &ns.name, n, &admin_kubeconfig(), dir.path()).await;
     let client_ca = secrets.get(&format!("{POOL}-client-ca")).await.unwrap();
     let endpoint = Endpoint {
         server_name: Some(format!("{POOL}.{}.svc", ns.name)),

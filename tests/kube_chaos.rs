@@ -32,7 +32,7 @@ use serde_json::json;
 use support::buildkit;
 use support::k8s::{
     KillOnDrop, client_tlsdir, create_sleeping_pool, free_ports, loopback, publish_gateways,
-    slow_buildkitd, start_ready_gateway,
+    published_gateway, slow_buildkitd, start_ready_gateway,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -188,10 +188,7 @@ async fn serve_a_pool(
     let kubelet = Kubelet::builder(client.clone(), ns)
         .buildkit(buildkit)
         .start();
-    let ip = loopback(n, 1);
-    let ports = free_ports(ip);
-    let gateway = start_ready_gateway(ip, ports, ns, ns, kubeconfig, dir).await;
-    publish_gateways(client, ns, &[ip], ports.1).await;
+    let gateway = published_gateway(client, ns, n, kubeconfig, dir).await;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     let client_ca = secrets.get(&format!("{POOL}-client-ca")).await.unwrap();
     let tls = support::local::client_config(&client_tlsdir(&client_ca, ns, POOL, dir));

@@ -181,24 +181,38 @@ impl Context {
         endpoint: &Endpoint,
     ) -> (Output, tempfile::TempDir) {
         let out = tempfile::tempdir().unwrap();
-        let context = format!("context={}", self.dir.path().display());
-        let dockerfile = format!("dockerfile={}", self.dir.path().display());
-        let output = format!("type=local,dest={}", out.path().display());
-        let args = [
-            "build",
-            "--progress",
-            "plain",
-            "--frontend",
-            "dockerfile.v0",
-            "--local",
-            &context,
-            "--local",
-            &dockerfile,
-            "--output",
-            &output,
-        ];
-        (buildctl(buildkit, endpoint, &args).await, out)
+        let output = dockerfile_build(buildkit, endpoint, self.dir.path(), Some(out.path())).await;
+        (output, out)
     }
+}
+
+/// `buildctl build` of the Dockerfile in `dir` (the context too) with plain progress, its
+/// result exported to `out` if given; the output, whatever the outcome.
+pub async fn dockerfile_build(
+    buildkit: &BuildKit,
+    endpoint: &Endpoint,
+    dir: &Path,
+    out: Option<&Path>,
+) -> Output {
+    let context = format!("context={}", dir.display());
+    let dockerfile = format!("dockerfile={}", dir.display());
+    let mut args = vec![
+        "build".to_owned(),
+        "--progress".into(),
+        "plain".into(),
+        "--frontend".into(),
+        "dockerfile.v0".into(),
+        "--local".into(),
+        context,
+        "--local".into(),
+        dockerfile,
+    ];
+    if let Some(out) = out {
+        args.push("--output".into());
+        args.push(format!("type=local,dest={}", out.display()));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    buildctl(buildkit, endpoint, &args).await
 }
 
 /// Builds and checks `out.txt`; returns buildctl's progress output (stderr).

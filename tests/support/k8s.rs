@@ -341,6 +341,22 @@ pub async fn start_ready_gateway(
     gateway
 }
 
+/// One synced gateway replica serving `ns` on loopback block `n` (its Secret copies read in
+/// `ns`), published as the gateway the controller living in `ns` polls.
+pub async fn published_gateway(
+    client: &Client,
+    ns: &str,
+    n: u8,
+    kubeconfig: &Path,
+    dir: &Path,
+) -> KillOnDrop {
+    let ip = loopback(n, 1);
+    let ports = free_ports(ip);
+    let gateway = start_ready_gateway(ip, ports, ns, ns, kubeconfig, dir).await;
+    publish_gateways(client, ns, &[ip], ports.1).await;
+    gateway
+}
+
 /// A script in `dir` that starts `buildkitd` with its arguments `delay` late: what the
 /// process kubelet runs for a pod whose start waits for a node or an image.
 pub fn slow_buildkitd(buildkitd: &Path, delay: Duration, dir: &Path) -> PathBuf {
