@@ -27,4 +27,6 @@ pub use pool::Phase;
 pub use scaler::Scaler;
 
 #[cfg(test)]
+mod props;
+#[cfg(test)]
 mod tests;
