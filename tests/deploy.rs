@@ -1,11 +1,14 @@
 //! deploy/ checked without a cluster: every manifest parses as its typed kind (the
 //! PodDisruptionBudgets as policy/v1, which Kubernetes 1.20 does not serve), the kustomize
-//! resources exist, the Helm chart's CRD is the generated one, RBAC grants what the
-//! reconcilers use and no more, the gateway's admin port is closed to all but the controller
-//! and monitoring (kustomize and Helm alike), and the Grafana dashboard names only metrics
-//! that exist.
+//! resources exist, the Helm chart's CRD is the generated one, the chart renders with its
+//! default values to the kustomize objects (but for the differences listed in
+//! `CHART_VS_KUSTOMIZE`), RBAC grants what the reconcilers use and no more, the gateway's admin
+//! port is closed to all but the controller and monitoring, and the Grafana dashboard names
+//! only metrics that exist.
 
-use std::collections::BTreeSet;
+mod helm;
+
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -23,7 +26,12 @@ fn deploy() -> PathBuf {
 
 fn docs(path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_yaml::Deserializer::from_str(&text)
+    docs_in(&text, path)
+}
+
+/// The YAML documents of `text`, read from `path`.
+fn docs_in(text: &str, path: &Path) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(text)
         .map(|d| {
             serde::Deserialize::deserialize(d).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
         })
@@ -198,79 +206,238 @@ fn only_the_controller_and_monitoring_reach_the_gateway_admin_port() {
         peers[1]["namespaceSelector"]["matchLabels"],
         serde_json::json!({"kubernetes.io/metadata.name": "monitoring"})
     );
-
-    // The chart renders the same policy with its default values.
-    let chart = deploy().join("helm/bkpool/templates/networkpolicy.yaml");
-    let rendered: Value = serde_yaml::from_str(&render_chart(&chart)).unwrap();
-    typed::<NetworkPolicy>(&rendered, &chart);
-    assert_eq!(
-        rendered["spec"], policy["spec"],
-        "Helm and kustomize differ"
-    );
-    assert_eq!(rendered["metadata"]["name"], policy["metadata"]["name"]);
 }
 
-/// Renders a chart template with the chart's default values, for the little of Helm's
-/// template language the chart's NetworkPolicy uses (`if` on a value, a value, `toJson` of a
-/// value, the release namespace, the labels helper): there is no helm binary here, and an
-/// expression this does not know fails the test rather than pass unrendered.
-fn render_chart(template: &Path) -> String {
-    let values_path = deploy().join("helm/bkpool/values.yaml");
-    let values: Value =
-        serde_yaml::from_str(&std::fs::read_to_string(values_path).unwrap()).unwrap();
-    let value = |path: &str| -> Value {
-        let path = path
-            .strip_prefix(".Values.")
-            .unwrap_or_else(|| panic!("{path}"));
-        let found = path.split('.').fold(&values, |v, key| &v[key]);
-        assert!(!found.is_null(), ".Values.{path} is not in values.yaml");
-        found.clone()
-    };
-    let text = std::fs::read_to_string(template).unwrap();
-    let (mut out, mut shown) = (String::new(), vec![true]);
-    for line in text.lines() {
-        let bare = line.trim();
-        if let Some(cond) = bare
-            .strip_prefix("{{- if ")
-            .and_then(|r| r.strip_suffix(" }}"))
-        {
-            shown.push(value(cond).as_bool().expect("a boolean condition"));
-            continue;
-        }
-        if bare == "{{- end }}" {
-            shown.pop();
-            continue;
-        }
-        if !shown.iter().all(|s| *s) {
-            continue;
-        }
-        let mut rest = line;
-        while let Some(start) = rest.find("{{") {
-            let end = start + rest[start..].find("}}").expect("a closed expression");
-            let expr = &rest[start + 2..end];
-            out += &rest[..start];
-            if expr.starts_with('-') {
-                out.truncate(out.trim_end().len());
-            }
-            let expr = expr.trim_matches(|c: char| c == '-' || c == ' ');
-            out += &match expr {
-                ".Release.Namespace" => "bkpool-system".to_owned(),
-                "include \"bkpool.labels\" . | nindent 4" => {
-                    "\n    app.kubernetes.io/part-of: bkpool".to_owned()
-                }
-                e if e.starts_with("toJson ") => value(&e["toJson ".len()..]).to_string(),
-                e if e.starts_with(".Values.") => match value(e) {
-                    Value::String(s) => s,
-                    other => other.to_string(),
-                },
-                other => panic!("{}: cannot render {{{{ {other} }}}}", template.display()),
-            };
-            rest = &rest[end + 2..];
-        }
-        out += rest;
-        out += "\n";
+/// What the chart, rendered with its default values, may have that kustomize has not (or the
+/// other way round), each with its reason. Any other difference is drift: fix the wrong side.
+const CHART_VS_KUSTOMIZE: &[Allowed] = &[
+    Allowed {
+        only_in: Side::Chart,
+        object: "*",
+        at: At::Field("/metadata/labels/helm.sh~1chart"),
+        why: "Helm's bookkeeping label, on every object the chart renders",
+    },
+    Allowed {
+        only_in: Side::Chart,
+        object: "*",
+        at: At::Field("/metadata/labels/app.kubernetes.io~1managed-by"),
+        why: "Helm's bookkeeping label, on every object the chart renders",
+    },
+    Allowed {
+        only_in: Side::Kustomize,
+        object: "v1 Namespace bkpool-system",
+        at: At::Object,
+        why: "Helm installs into a release namespace it does not create (--create-namespace)",
+    },
+    Allowed {
+        only_in: Side::Chart,
+        object: "apps/v1 Deployment bkpool-system/bkpool-controller",
+        at: At::Item(
+            "/spec/template/spec/containers/0/args",
+            "--gateway-namespace-label=kubernetes.io/metadata.name=bkpool-system",
+        ),
+        why: "the chart cannot label its release namespace bkpool.dev/system=true (the \
+              default) as kustomize does, so pool NetworkPolicies know it by its name label",
+    },
+];
+
+#[derive(Debug)]
+enum Side {
+    Chart,
+    Kustomize,
+}
+
+#[derive(Debug)]
+enum At {
+    /// The whole object.
+    Object,
+    /// A field, as a JSON pointer.
+    Field(&'static str),
+    /// A string in the list at a JSON pointer.
+    Item(&'static str, &'static str),
+}
+
+struct Allowed {
+    only_in: Side,
+    /// "apiVersion Kind namespace/name" (cluster-wide: "apiVersion Kind name"), or "*": every
+    /// object that has it.
+    object: &'static str,
+    at: At,
+    why: &'static str,
+}
+
+#[test]
+fn the_helm_chart_renders_the_kustomize_objects() {
+    let (mut chart, mut kustomize) = (chart_objects(), kustomize_objects());
+    for allowed in CHART_VS_KUSTOMIZE {
+        let side = match allowed.only_in {
+            Side::Chart => &mut chart,
+            Side::Kustomize => &mut kustomize,
+        };
+        let applied = allow(side, allowed);
+        assert!(
+            applied > 0 && (allowed.object == "*" || applied == 1),
+            "CHART_VS_KUSTOMIZE is stale: {:?} only in {} of {:?} applied {applied} times ({})",
+            allowed.at,
+            allowed.object,
+            allowed.only_in,
+            allowed.why
+        );
     }
-    out
+    let mut drift = Vec::new();
+    for id in chart
+        .keys()
+        .chain(kustomize.keys())
+        .collect::<BTreeSet<_>>()
+    {
+        match (chart.get(id), kustomize.get(id)) {
+            (Some(c), Some(k)) => {
+                let mut found = Vec::new();
+                differences("", Some(c), Some(k), &mut found);
+                drift.extend(found.into_iter().map(|d| format!("{id}: {d}")));
+            }
+            (Some(_), None) => drift.push(format!("{id}: only in the chart")),
+            _ => drift.push(format!("{id}: only in kustomize")),
+        }
+    }
+    assert!(
+        drift.is_empty(),
+        "the Helm chart (default values) and deploy/kustomize differ; fix the wrong one, or \
+         list a legitimate difference in CHART_VS_KUSTOMIZE:\n  {}",
+        drift.join("\n  ")
+    );
+}
+
+/// What `helm install -n bkpool-system` creates with the chart's default values on a cluster
+/// serving policy/v1 and the Prometheus Operator's ServiceMonitor: the rendered templates and
+/// the CRDs of crds/.
+fn chart_objects() -> BTreeMap<String, Value> {
+    let chart = deploy().join("helm/bkpool");
+    let release = helm::Release {
+        namespace: "bkpool-system",
+        api_versions: &[
+            "policy/v1/PodDisruptionBudget",
+            "monitoring.coreos.com/v1/ServiceMonitor",
+        ],
+    };
+    let mut objects = Vec::new();
+    for (template, text) in helm::render_chart(&chart, &release) {
+        objects.extend(docs_in(&text, &template));
+    }
+    for crd in std::fs::read_dir(chart.join("crds")).unwrap() {
+        objects.extend(docs(&crd.unwrap().path()));
+    }
+    by_id(objects)
+}
+
+/// What `kubectl apply -k deploy/kustomize` and `-k deploy/kustomize/monitoring` create.
+fn kustomize_objects() -> BTreeMap<String, Value> {
+    let dir = deploy().join("kustomize");
+    let mut objects = kustomization(&dir);
+    objects.extend(kustomization(&dir.join("monitoring")));
+    by_id(objects)
+}
+
+/// The resources of `dir`'s kustomization.yaml, files or other kustomizations.
+fn kustomization(dir: &Path) -> Vec<Value> {
+    let [file]: [Value; 1] = docs(&dir.join("kustomization.yaml")).try_into().unwrap();
+    for key in file.as_object().unwrap().keys() {
+        assert!(
+            ["apiVersion", "kind", "resources"].contains(&key.as_str()),
+            "{}: this test does not apply `{key}`",
+            dir.display()
+        );
+    }
+    let resources = file["resources"].as_array().unwrap().iter();
+    resources
+        .flat_map(|resource| {
+            let path = dir.join(resource.as_str().unwrap());
+            if path.is_dir() {
+                kustomization(&path)
+            } else {
+                docs(&path)
+            }
+        })
+        .collect()
+}
+
+/// Objects by "apiVersion Kind namespace/name" ("apiVersion Kind name" if cluster-wide).
+fn by_id(objects: Vec<Value>) -> BTreeMap<String, Value> {
+    let mut by_id = BTreeMap::new();
+    for object in objects {
+        let field = |v: &Value| v.as_str().map(str::to_owned);
+        let meta = &object["metadata"];
+        let name = field(&meta["name"]).unwrap_or_else(|| panic!("unnamed: {object}"));
+        let name = match field(&meta["namespace"]) {
+            Some(ns) => format!("{ns}/{name}"),
+            None => name,
+        };
+        let (api, kind) = (field(&object["apiVersion"]), field(&object["kind"]));
+        let id = format!("{} {} {name}", api.unwrap(), kind.unwrap());
+        assert!(by_id.insert(id.clone(), object).is_none(), "{id} twice");
+    }
+    by_id
+}
+
+/// Takes what `allowed` lets its side have out of that side's objects; returns how many it
+/// was taken out of.
+fn allow(objects: &mut BTreeMap<String, Value>, allowed: &Allowed) -> usize {
+    let field = match allowed.at {
+        At::Object => return usize::from(objects.remove(allowed.object).is_some()),
+        At::Field(_) | At::Item(..) => &allowed.at,
+    };
+    objects
+        .iter_mut()
+        .filter(|(id, _)| allowed.object == "*" || *id == allowed.object)
+        .map(|(_, object)| take(object, field))
+        .filter(|taken| *taken)
+        .count()
+}
+
+fn take(object: &mut Value, at: &At) -> bool {
+    match *at {
+        At::Object => unreachable!("objects are taken by id"),
+        At::Field(pointer) => {
+            let (parent, key) = pointer.rsplit_once('/').unwrap();
+            let key = key.replace("~1", "/").replace("~0", "~");
+            let parent = object.pointer_mut(parent).and_then(Value::as_object_mut);
+            parent.and_then(|p| p.remove(&key)).is_some()
+        }
+        At::Item(pointer, item) => {
+            let Some(list) = object.pointer_mut(pointer).and_then(Value::as_array_mut) else {
+                return false;
+            };
+            let before = list.len();
+            list.retain(|v| v != item);
+            list.len() < before
+        }
+    }
+}
+
+/// Where two versions of an object differ, as "path: chart …, kustomize …".
+fn differences(
+    path: &str,
+    chart: Option<&Value>,
+    kustomize: Option<&Value>,
+    out: &mut Vec<String>,
+) {
+    match (chart, kustomize) {
+        (Some(Value::Object(c)), Some(Value::Object(k))) => {
+            for key in c.keys().chain(k.keys()).collect::<BTreeSet<_>>() {
+                differences(&format!("{path}.{key}"), c.get(key), k.get(key), out);
+            }
+        }
+        (Some(Value::Array(c)), Some(Value::Array(k))) if c.len() == k.len() => {
+            for (i, (c, k)) in c.iter().zip(k).enumerate() {
+                differences(&format!("{path}[{i}]"), Some(c), Some(k), out);
+            }
+        }
+        (Some(c), Some(k)) if subset(c, k) => {}
+        (c, k) => {
+            let show = |v: Option<&Value>| v.map_or("(absent)".to_owned(), Value::to_string);
+            out.push(format!("{path}: chart {}, kustomize {}", show(c), show(k)));
+        }
+    }
 }
 
 #[test]
