@@ -66,10 +66,12 @@ pub async fn dial(candidates: &[Candidate], timeout: Duration) -> Result<Connect
                 });
             }
             Ok(Err(source)) => {
+                load.failed();
                 tracing::debug!(backend = %candidate.addr, error = %source, "backend refused; trying the next");
                 last = Some((candidate.addr, Some(source)));
             }
             Err(_) => {
+                load.failed();
                 tracing::debug!(backend = %candidate.addr, ?timeout, "backend connect timed out; trying the next");
                 last = Some((candidate.addr, None));
             }

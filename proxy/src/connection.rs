@@ -192,7 +192,7 @@ struct Routed<'g> {
 struct Guards {
     opened: Instant,
     _permit: PoolPermit,
-    _load: BackendLoad,
+    load: BackendLoad,
     _open: OpenGuard,
 }
 
@@ -272,7 +272,7 @@ async fn admit_and_connect<'g>(
         guards: Guards {
             opened: Instant::now(),
             _permit: permit,
-            _load: load,
+            load,
             _open: open,
         },
     })
@@ -305,6 +305,7 @@ fn finish(
     outcome: Result<Outcome, &'static str>,
 ) {
     let pool = &route.id;
+    judge_backend(&guards.load, &outcome);
     match outcome {
         Ok(outcome) if matches!(outcome.end, relay::End::Expired) => {
             let identity = identity.map(ClientIdentity::as_str);
@@ -315,6 +316,26 @@ fn finish(
         Err(reason) => gateway.metrics.rejected(Some(pool.as_str()), reason),
     }
     gateway.metrics.connection_closed(guards.opened.elapsed());
+}
+
+/// What a connection's end says about its backend, for upstreams that stop offering a replica
+/// that keeps dropping connections: reset or failed by it, or closed with nothing answered to
+/// a client that spoke, is a failure; anything answered is service. A client that left
+/// without a word says nothing.
+fn judge_backend(load: &BackendLoad, outcome: &Result<Outcome, &'static str>) {
+    let Ok(outcome) = outcome else {
+        // The replay or the backend's TLS failed: both the backend's side.
+        return load.failed();
+    };
+    match outcome.end {
+        relay::End::Reset {
+            dir: Direction::Outbound,
+        }
+        | relay::End::Error(relay::RelayError::Backend(_)) => load.failed(),
+        _ if outcome.outbound > 0 => load.served(),
+        relay::End::Finished if outcome.inbound > 0 => load.failed(),
+        _ => {}
+    }
 }
 
 fn settings(route: &PoolRoute) -> relay::Settings {

@@ -11,7 +11,7 @@ use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::activity::{HeldGuard, PoolActivity};
@@ -94,11 +94,42 @@ pub struct Candidate {
     /// key cache-affine routing hashes, since a replica's address may change across sleeps.
     pub replica: Arc<str>,
     load: Arc<AtomicUsize>,
+    health: Arc<BackendHealth>,
 }
 
-/// Counts a connection on the backend it went to, until dropped.
+/// How a backend's recent connections went, as the gateway saw them end: a run of failures
+/// (refused, reset, closed before answering) with no served connection in between. An
+/// upstream that keeps one per replica can stop offering a replica whose process is up and
+/// passes its health check but drops every connection.
+#[derive(Debug, Default)]
+pub struct BackendHealth {
+    failures: AtomicU32,
+}
+
+impl BackendHealth {
+    /// Failures in a row since the last served connection.
+    pub fn failures(&self) -> u32 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    pub fn failed(&self) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn served(&self) {
+        if self.failures() != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Counts a connection on the backend it went to, until dropped, and reports how the
+/// connection went to the backend's [`BackendHealth`].
 #[derive(Debug)]
-pub struct BackendLoad(Arc<AtomicUsize>);
+pub struct BackendLoad {
+    load: Arc<AtomicUsize>,
+    health: Arc<BackendHealth>,
+}
 
 impl Candidate {
     pub fn new(addr: BackendAddr, replica: Arc<str>, load: Arc<AtomicUsize>) -> Self {
@@ -106,13 +137,24 @@ impl Candidate {
             addr,
             replica,
             load,
+            health: Arc::default(),
         }
+    }
+
+    /// Reports this connection's outcomes to `health` (by default, to a record of its own
+    /// that nobody reads).
+    pub fn with_health(mut self, health: Arc<BackendHealth>) -> Self {
+        self.health = health;
+        self
     }
 
     /// Marks this backend as carrying one more connection.
     pub fn engage(&self) -> BackendLoad {
         self.load.fetch_add(1, Ordering::Relaxed);
-        BackendLoad(self.load.clone())
+        BackendLoad {
+            load: self.load.clone(),
+            health: self.health.clone(),
+        }
     }
 
     pub fn load(&self) -> usize {
@@ -120,9 +162,21 @@ impl Candidate {
     }
 }
 
+impl BackendLoad {
+    /// The backend refused, reset or closed the connection without serving it.
+    pub fn failed(&self) {
+        self.health.failed();
+    }
+
+    /// The backend answered.
+    pub fn served(&self) {
+        self.health.served();
+    }
+}
+
 impl Drop for BackendLoad {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.load.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
