@@ -15,6 +15,11 @@ pub struct Args {
     /// certificate of its ca.pem (as `bkpool local`'s replicas do).
     #[arg(long)]
     tls: Option<PathBuf>,
+    /// If this file exists, remove it and play a broken replica: the health check passes,
+    /// every other connection gets the echo of its first bytes, then a reset. Only the first
+    /// replica started finds the file, so its replacement serves.
+    #[arg(long, value_name = "FILE")]
+    flap_once: Option<PathBuf>,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -25,11 +30,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    tracing::info!(listen = %args.listen, mtls = tls.is_some(), "stand-in backend serving");
+    let config = control::standin::Config {
+        flap: args
+            .flap_once
+            .is_some_and(|file| std::fs::remove_file(file).is_ok()),
+        ..Default::default()
+    };
+    tracing::info!(listen = %args.listen, mtls = tls.is_some(), flap = config.flap, "stand-in backend serving");
     let shutdown = crate::shutdown::requested();
     match tls {
-        Some(tls) => control::standin::serve_tls(listener, tls, shutdown).await,
-        None => control::standin::serve(listener, shutdown).await,
+        Some(tls) => control::standin::serve_tls(listener, tls, config, shutdown).await,
+        None => control::standin::serve_with(listener, config, shutdown).await,
     }
     Ok(())
 }

@@ -415,7 +415,14 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let shutdown = async { drop(stopped.await) };
-        tokio::spawn(standin::serve_with(listener, Config { health }, shutdown));
+        tokio::spawn(standin::serve_with(
+            listener,
+            Config {
+                health,
+                ..Config::default()
+            },
+            shutdown,
+        ));
         (addr, stop)
     }
 

@@ -11,6 +11,7 @@
 //! max_held = 10000               # connections held for wakes, all pools together
 //! [scaling]
 //! drain_settle = "250ms"         # draining → confirm no connection → stop
+//! unhealthy_after = 5            # connections failed in a row that replace a replica
 //! [[pool]]
 //! name = "default"
 //! max_cert_ttl = "1h"
@@ -238,6 +239,7 @@ struct RawSettings {
     tick: Option<String>,
     drain_settle: Option<String>,
     probe_interval: Option<String>,
+    unhealthy_after: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -332,6 +334,9 @@ impl Validator {
                 d.probe_interval,
             ),
             max_held_total: max_held,
+            unhealthy_after: f
+                .count("scaling.unhealthy_after", r.unhealthy_after)
+                .map_or(d.unhealthy_after, |n| u32::try_from(n).unwrap_or(u32::MAX)),
         };
         let ports = match raw.ports.as_deref() {
             None => DEFAULT_PORTS,
@@ -632,6 +637,7 @@ mod tests {
             max_held = 7
             [scaling]
             drain_settle = "2s"
+            unhealthy_after = 3
             [[pool]]
             name = "ci"
             namespace = "team"
@@ -654,8 +660,12 @@ mod tests {
         .unwrap();
         assert_eq!(c.ports, 30_000..=30_009);
         assert_eq!(
-            (c.scaler.max_held_total, c.scaler.drain_settle),
-            (7, Duration::from_secs(2))
+            (
+                c.scaler.max_held_total,
+                c.scaler.drain_settle,
+                c.scaler.unhealthy_after
+            ),
+            (7, Duration::from_secs(2), 3)
         );
         let p = &c.pools[0];
         assert_eq!(p.id.as_str(), "team/ci");

@@ -38,12 +38,16 @@ pub struct Config {
     /// What the health check answers. [`Health::Unimplemented`] plays an older buildkitd
     /// without the health service.
     pub health: Health,
+    /// A broken replica: its health check passes, but every other connection gets the echo
+    /// of its first bytes and then a reset.
+    pub flap: bool,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Config {
             health: Health::Serving,
+            flap: false,
         }
     }
 }
@@ -66,10 +70,11 @@ pub async fn serve_with(listener: TcpListener, config: Config, shutdown: impl Fu
 pub async fn serve_tls(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
+    config: Config,
     shutdown: impl Future<Output = ()>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    serve_inner(listener, Config::default(), Some(acceptor), shutdown).await
+    serve_inner(listener, config, Some(acceptor), shutdown).await
 }
 
 /// A server configuration from a `buildctl --tlsdir`-shaped directory: `cert.pem` and
@@ -122,6 +127,10 @@ async fn serve_inner(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let _ = stream.set_nodelay(true);
+                    if config.flap {
+                        // Closing then resets the connection instead of ending it cleanly.
+                        let _ = stream.set_zero_linger();
+                    }
                     let tls = tls.clone();
                     connections.spawn(async move {
                         match tls {
@@ -167,6 +176,9 @@ async fn handle<S: Stream>(mut stream: S, config: Config) {
             config,
         )
         .await
+    } else if config.flap {
+        // Dies mid-stream: the client sees its first bytes come back, then a reset.
+        stream.write_all(&first).await
     } else {
         echo(first, stream).await
     };

@@ -34,6 +34,9 @@ pub struct Settings {
     pub probe_interval: Duration,
     /// Connections held at once across all pools.
     pub max_held_total: usize,
+    /// A replica whose connections fail this many times in a row (refused, reset, closed
+    /// unanswered) is replaced, though its health check passes.
+    pub unhealthy_after: u32,
 }
 
 pub const DEFAULT_IDLE_AFTER: Duration = Duration::from_secs(10 * 60);
@@ -48,6 +51,9 @@ pub const DEFAULT_WAKE_TIMEOUT_ANSWERED: Duration = Duration::from_secs(5 * 60);
 pub const DEFAULT_MAX_HELD: usize = 1_000;
 pub const DEFAULT_TARGET_CONNECTIONS: usize = 100;
 pub const DEFAULT_MAX_HELD_TOTAL: usize = 10_000;
+/// Few enough that a broken replica costs a handful of failed builds, enough that a few
+/// clients hanging up early do not replace a good one.
+pub const DEFAULT_UNHEALTHY_AFTER: u32 = 5;
 
 impl Default for Policy {
     fn default() -> Self {
@@ -70,6 +76,7 @@ impl Default for Settings {
             drain_settle: Duration::from_millis(250),
             probe_interval: Duration::from_millis(25),
             max_held_total: DEFAULT_MAX_HELD_TOTAL,
+            unhealthy_after: DEFAULT_UNHEALTHY_AFTER,
         }
     }
 }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use proxy::names::PoolId;
-use proxy::route::{Candidate, RouteError};
+use proxy::route::{BackendHealth, Candidate, RouteError};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -63,6 +63,23 @@ pub(crate) struct Replica {
     pub load: Arc<AtomicUsize>,
     /// Set while it is being retired (too many replicas): no new connections go to it.
     pub retiring_since: Option<Instant>,
+    /// How the gateway's connections to it ended lately.
+    pub health: Arc<BackendHealth>,
+    /// Set once its connections failed `Settings::unhealthy_after` times in a row: no new
+    /// connection goes to it, a replacement starts, and it stops once it carries none.
+    pub unhealthy: bool,
+}
+
+impl Replica {
+    pub fn new(started: Started) -> Self {
+        Self {
+            started,
+            load: Arc::default(),
+            retiring_since: None,
+            health: Arc::default(),
+            unhealthy: false,
+        }
+    }
 }
 
 /// Mutable state of one pool; only touched through [`Pool::lock`].
@@ -161,16 +178,20 @@ impl PoolState {
         self.replicas.iter().map(|r| r.load.load(Relaxed)).sum()
     }
 
-    /// The replicas to offer a connection, least loaded first: those not being retired, or
-    /// all of them if every one is.
+    /// Replicas that may take connections: not marked unhealthy.
+    pub fn serving(&self) -> impl Iterator<Item = &Replica> {
+        self.replicas.iter().filter(|r| !r.unhealthy)
+    }
+
+    /// The replicas to offer a connection, least loaded first: the serving ones not being
+    /// retired, or all serving ones if every one is.
     pub fn candidates(&self) -> Vec<Candidate> {
         let active: Vec<&Replica> = self
-            .replicas
-            .iter()
+            .serving()
             .filter(|r| r.retiring_since.is_none())
             .collect();
         let mut list: Vec<&Replica> = if active.is_empty() {
-            self.replicas.iter().collect()
+            self.serving().collect()
         } else {
             active
         };
@@ -179,6 +200,7 @@ impl PoolState {
             .map(|r| {
                 let addr = proxy::names::BackendAddr(r.started.addr);
                 Candidate::new(addr, r.started.name.as_str().into(), r.load.clone())
+                    .with_health(r.health.clone())
             })
             .collect()
     }

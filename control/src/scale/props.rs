@@ -1,6 +1,6 @@
 //! Property tests of the local scaler: the real [`Scaler`] on tokio's paused clock, driven by
-//! random sequences of connections (held while the pool wakes, then open for a while), clock
-//! steps and replica crashes, against a driver whose replicas start slowly, never become
+//! random sequences of connections (held while the pool wakes, then open for a while, some
+//! dropped by their replica so that it is replaced), clock steps and replica crashes, against a driver whose replicas start slowly, never become
 //! healthy, fail to start or take time to stop. Whatever the sequence:
 //! - no replica is stopped with a connection open on it, and none is offered to a connection
 //!   once its stop has begun;
@@ -41,10 +41,12 @@ struct Behaviour {
 
 #[derive(Debug, Clone)]
 enum Op {
-    /// `count` connections arrive now; each that gets a backend stays open `open_for`.
+    /// `count` connections arrive now; each that gets a backend stays open `open_for`, and
+    /// with `fails` its backend drops it (the gateway counts a failure against the replica).
     Connect {
         count: usize,
         open_for: Duration,
+        fails: bool,
     },
     Step(Duration),
     /// The oldest healthy replica exits on its own.
@@ -89,6 +91,8 @@ struct Machine {
     open: Mutex<BTreeMap<String, usize>>,
     conns: Mutex<Vec<Conn>>,
     scaler: OnceLock<Scaler>,
+    /// When the pool last went from no healthy replica to one: its wake.
+    woke: Mutex<Option<Instant>>,
     violations: Mutex<Vec<String>>,
     exits: broadcast::Sender<Exited>,
 }
@@ -113,11 +117,9 @@ impl Machine {
         if replicas[name].drained {
             return;
         }
-        let mut woke = None;
         for r in replicas.values_mut() {
-            if let Life::Healthy { since } = r.life {
+            if let Life::Healthy { .. } = r.life {
                 r.drained = true;
-                woke = Some(woke.map_or(since, |w: Instant| w.min(since)));
             }
         }
         replicas.get_mut(name).unwrap().drained = true;
@@ -135,7 +137,7 @@ impl Machine {
                 ));
             }
         }
-        if let Some(woke) = woke
+        if let Some(woke) = *self.woke.lock().unwrap()
             && now.duration_since(woke) < self.policy.min_up_after_wake
         {
             self.violation(format!(
@@ -221,10 +223,16 @@ impl Driver for Machine {
     fn probe<'a>(&'a self, _: &'a PoolId, r: &'a Started) -> BoxFuture<'a, Readiness> {
         Box::pin(async move {
             let mut replicas = self.replicas.lock().unwrap();
+            let asleep = !replicas
+                .values()
+                .any(|r| matches!(r.life, Life::Healthy { .. }));
             let replica = replicas.get_mut(&r.name).unwrap();
             match replica.life {
                 Life::Starting(at) => match self.behaviour.healthy_after {
                     Some(after) if at.elapsed() >= after => {
+                        if asleep {
+                            *self.woke.lock().unwrap() = Some(Instant::now());
+                        }
                         replica.life = Life::Healthy {
                             since: Instant::now(),
                         };
@@ -250,6 +258,7 @@ async fn connection(
     upstream: Arc<dyn Upstream>,
     activity: Arc<PoolActivity>,
     open_for: Duration,
+    fails: bool,
 ) {
     let admission = proxy::admit::Admission::new(100_000, 1_024);
     let caller = proxy::route::Caller::new(
@@ -283,6 +292,11 @@ async fn connection(
             machine.conns.lock().unwrap()[index].answered =
                 Some((Instant::now(), seq, Ok(name.clone())));
             sleep(open_for).await;
+            if fails {
+                load.failed();
+            } else {
+                load.served();
+            }
             *machine.open.lock().unwrap().get_mut(&name).unwrap() -= 1;
             drop((load, open));
             machine.conns.lock().unwrap()[index].closed = Some(Instant::now());
@@ -295,7 +309,11 @@ async fn connection(
 
 /// Runs `ops`, then lets the pool go quiet, and returns every broken invariant.
 async fn run(policy: Policy, behaviour: Behaviour, ops: Vec<Op>) -> Vec<String> {
-    let settings = Settings::default();
+    // Replaced after two failed connections in a row, so sequences reach it often.
+    let settings = Settings {
+        unhealthy_after: 2,
+        ..Settings::default()
+    };
     let machine = Arc::new(Machine {
         behaviour: behaviour.clone(),
         policy: policy.clone(),
@@ -306,6 +324,7 @@ async fn run(policy: Policy, behaviour: Behaviour, ops: Vec<Op>) -> Vec<String> 
         open: Mutex::default(),
         conns: Mutex::default(),
         scaler: OnceLock::new(),
+        woke: Mutex::default(),
         violations: Mutex::default(),
         exits: broadcast::channel(64).0,
     });
@@ -326,13 +345,18 @@ async fn run(policy: Policy, behaviour: Behaviour, ops: Vec<Op>) -> Vec<String> 
     let mut conns = tokio::task::JoinSet::new();
     for op in ops {
         match op {
-            Op::Connect { count, open_for } => {
+            Op::Connect {
+                count,
+                open_for,
+                fails,
+            } => {
                 for _ in 0..count {
                     let c = connection(
                         machine.clone(),
                         upstream.clone(),
                         pool_activity.clone(),
                         open_for,
+                        fails,
                     );
                     conns.spawn(c);
                 }
@@ -427,10 +451,13 @@ fn behaviour() -> impl Strategy<Value = Behaviour> {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        4 => (1..=4usize, 0..60_000u64).prop_map(|(count, ms)| Op::Connect {
-            count,
-            open_for: Duration::from_millis(ms),
-        }),
+        4 => (1..=4usize, 0..60_000u64, prop::bool::weighted(0.3)).prop_map(
+            |(count, ms, fails)| Op::Connect {
+                count,
+                open_for: Duration::from_millis(ms),
+                fails,
+            }
+        ),
         5 => (0..30_000u64).prop_map(|ms| Op::Step(Duration::from_millis(ms))),
         1 => Just(Op::Crash),
     ]

@@ -464,3 +464,42 @@ async fn a_replica_that_exits_while_starting_fails_the_wake_at_once() {
     );
     assert_eq!(h.phase(), Phase::Sleeping);
 }
+
+/// Found by the property test: a replica added for load that became healthy after the pool's
+/// only other replica crashed (the pool asleep meanwhile) was pushed into a sleeping pool and
+/// ran forever, as no drain looks at a sleeping pool. It is adopted: the pool is ready, and
+/// sleeps again through a drain.
+#[tokio::test(start_paused = true)]
+async fn a_replica_started_for_load_after_a_crash_is_adopted_then_drained() {
+    let policy = Policy {
+        max_replicas: 2,
+        target_connections_per_replica: 1,
+        ..policy()
+    };
+    let h = harness(Recording::new(Some(Duration::from_secs(1))), policy);
+    let first = h.open().await;
+    let second = h.open().await; // over the target: r1 starts
+    sleep(Duration::from_millis(20)).await;
+    assert_eq!(h.driver.count("start"), 2);
+    h.driver
+        .exits
+        .send(Exited {
+            pool: pool_id(),
+            name: "r0".into(),
+            requested: false,
+        })
+        .unwrap();
+    sleep(Duration::from_millis(1)).await;
+    assert_eq!(
+        h.phase(),
+        Phase::Sleeping,
+        "its only serving replica crashed"
+    );
+    sleep(Duration::from_secs(2)).await;
+    assert_eq!(h.phase(), Phase::Ready, "r1 came up and serves");
+    assert_eq!(h.scaler.status()[0].replicas[0].name, "r1");
+    drop((first, second));
+    sleep(Duration::from_secs(62)).await;
+    assert_eq!(h.phase(), Phase::Sleeping);
+    assert_eq!(h.driver.log().last().unwrap(), "stop local/a r1");
+}

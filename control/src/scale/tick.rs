@@ -42,7 +42,9 @@ impl Shared {
         match s.state {
             State::Sleeping if pool.policy.min_replicas > 0 => self.begin_wake(pool, &mut s),
             State::Ready => {
-                if s.replicas.len() < pool.policy.min_replicas && s.starting == 0 {
+                self.mark_unhealthy(pool, &mut s);
+                self.stop_unhealthy(pool, &mut s);
+                if s.serving().count() < pool.policy.min_replicas && s.starting == 0 {
                     self.scale_up(pool, &mut s, "min_replicas");
                 }
                 self.retire_extra(pool, &mut s, now);
@@ -115,8 +117,31 @@ impl Shared {
         });
     }
 
+    /// Stops the replicas marked unhealthy once they carry no connection (a stuck one ends
+    /// by the relay's idle timeout). With none left and no replacement starting, the pool
+    /// sleeps and the next connection wakes a fresh replica.
+    fn stop_unhealthy(self: &Arc<Self>, pool: &Arc<Pool>, s: &mut PoolState) {
+        while let Some(i) = s
+            .replicas
+            .iter()
+            .position(|r| r.unhealthy && r.load.load(Relaxed) == 0)
+        {
+            let replica = s.replicas.remove(i);
+            let next = if s.replicas.is_empty() && s.starting == 0 {
+                State::Sleeping
+            } else {
+                s.state
+            };
+            pool.set(s, next);
+            let (shared, pool) = (self.clone(), pool.clone());
+            self.tasks
+                .spawn(async move { shared.stop(&pool, &replica.started, "unhealthy").await });
+        }
+    }
+
     /// Retires replicas beyond what the load needs, one at a time: marked first (no new
-    /// connections), stopped once it has carried none for the settle time.
+    /// connections), stopped once it has carried none for the settle time. Replicas marked
+    /// unhealthy neither count nor are retired: they leave by `stop_unhealthy`.
     fn retire_extra(self: &Arc<Self>, pool: &Arc<Pool>, s: &mut PoolState, now: Instant) {
         let policy = &pool.policy;
         let needed = s
@@ -124,13 +149,14 @@ impl Shared {
             .div_ceil(policy.target_connections_per_replica.max(1))
             .max(policy.min_replicas)
             .max(1);
-        if s.replicas.len() <= needed {
+        if s.serving().count() <= needed {
             s.replicas.iter_mut().for_each(|r| r.retiring_since = None);
             return;
         }
         let settle = self.settings.drain_settle;
         let done = s.replicas.iter().position(|r| {
-            r.load.load(Relaxed) == 0
+            !r.unhealthy
+                && r.load.load(Relaxed) == 0
                 && r.retiring_since
                     .is_some_and(|t| now.duration_since(t) >= settle)
         });
@@ -143,7 +169,7 @@ impl Shared {
                 .spawn(async move { shared.stop(&pool, &replica.started, "load").await });
             return;
         }
-        if s.replicas.iter().any(|r| r.retiring_since.is_some()) {
+        if s.serving().any(|r| r.retiring_since.is_some()) {
             return;
         }
         // The newest idle replica goes first: the oldest keeps the warmest cache.
@@ -151,7 +177,7 @@ impl Shared {
             .replicas
             .iter_mut()
             .rev()
-            .find(|r| r.load.load(Relaxed) == 0)
+            .find(|r| !r.unhealthy && r.load.load(Relaxed) == 0)
         {
             tracing::info!(pool = %pool.id, replica = %r.started.name, "retiring an extra replica");
             r.retiring_since = Some(now);

@@ -117,7 +117,13 @@ impl Shared {
             }
             _ => return None,
         }
-        if s.replicas.is_empty() {
+        self.mark_unhealthy(pool, s);
+        if s.serving().next().is_none() {
+            // Every replica drops its connections, or the last one is stopping for that:
+            // hold this one for a replacement.
+            if s.starting == 0 {
+                self.scale_up(pool, s, "replace");
+            }
             return None;
         }
         self.maybe_scale_up(pool, s);
@@ -193,10 +199,24 @@ impl Shared {
         }
     }
 
+    /// Marks the replicas whose connections failed `unhealthy_after` times in a row: they
+    /// pass their health check (else they would never have been added) but drop what the
+    /// gateway sends them. Call with the lock.
+    pub fn mark_unhealthy(&self, pool: &Pool, s: &mut PoolState) {
+        let limit = self.settings.unhealthy_after;
+        for r in s.replicas.iter_mut().filter(|r| !r.unhealthy) {
+            let failures = r.health.failures();
+            if failures >= limit {
+                tracing::warn!(pool = %pool.id, replica = %r.started.name, failures, "replica drops every connection; replacing it");
+                r.unhealthy = true;
+            }
+        }
+    }
+
     /// Adds a replica when connections per replica exceed the target. Call with the lock.
     fn maybe_scale_up(self: &Arc<Self>, pool: &Arc<Pool>, s: &mut PoolState) {
         let policy = &pool.policy;
-        let replicas = s.replicas.len();
+        let replicas = s.serving().count();
         let wanted = (s.load() + 1).div_ceil(policy.target_connections_per_replica.max(1));
         if wanted > replicas && replicas + s.starting < policy.max_replicas && s.starting == 0 {
             self.scale_up(pool, s, "load");
@@ -215,12 +235,27 @@ impl Shared {
             match result {
                 Ok(replica) => {
                     pool.metrics.scaled(&pool.id, "up", reason);
+                    if s.serving().next().is_none() {
+                        // The only replica that serves (the others crashed or were replaced
+                        // meanwhile): the pool woke, and stays up `min_up_after_wake`.
+                        s.woke_at = Some(Instant::now());
+                        s.idle_since = None;
+                    }
                     s.replicas.push(replica);
-                    let state = s.state;
+                    let state = match s.state {
+                        // Its replicas crashed while this one started: it serves now, and
+                        // the pool sleeps again through a drain, never with it running.
+                        State::Sleeping => State::Ready,
+                        other => other,
+                    };
                     pool.set(&mut s, state);
                 }
                 Err(e) => {
-                    tracing::warn!(pool = %pool.id, error = %e, "extra replica did not start")
+                    tracing::warn!(pool = %pool.id, error = %e, "extra replica did not start");
+                    if s.replicas.is_empty() && matches!(s.state, State::Ready) {
+                        // It was to replace the last one: held connections wake the pool.
+                        pool.set(&mut s, State::Sleeping);
+                    }
                 }
             }
         });
@@ -244,11 +279,7 @@ impl Shared {
         };
         phase("spawned");
         match timeout_at(deadline, self.until_healthy(pool, &started, &phase)).await {
-            Ok(Ok(())) => Ok(Replica {
-                started,
-                load: Arc::default(),
-                retiring_since: None,
-            }),
+            Ok(Ok(())) => Ok(Replica::new(started)),
             Ok(Err(Exited)) => Err(RouteError::WakeFailed(format!(
                 "replica {} exited before it became healthy",
                 started.name
