@@ -170,6 +170,16 @@ impl Harness {
         self.scaler.status()[0].state
     }
 
+    /// Replica `name` exits on its own.
+    fn crash(&self, name: &str) {
+        let exited = Exited {
+            pool: pool_id(),
+            name: name.into(),
+            requested: false,
+        };
+        self.driver.exits.send(exited).unwrap();
+    }
+
     fn metrics(&self) -> String {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry).unwrap();
@@ -381,14 +391,7 @@ async fn a_failed_start_fails_held_connections_and_the_next_connection_retries()
 async fn a_crashed_replica_is_replaced_on_the_next_connection() {
     let h = harness(Recording::new(Some(Duration::ZERO)), policy());
     let first = h.connect().await.unwrap()[0].addr;
-    h.driver
-        .exits
-        .send(Exited {
-            pool: pool_id(),
-            name: "r0".into(),
-            requested: false,
-        })
-        .unwrap();
+    h.crash("r0");
     sleep(Duration::from_millis(1)).await;
     assert_eq!(h.phase(), Phase::Sleeping);
     let second = h.connect().await.unwrap()[0].addr;
@@ -481,14 +484,7 @@ async fn a_replica_started_for_load_after_a_crash_is_adopted_then_drained() {
     let second = h.open().await; // over the target: r1 starts
     sleep(Duration::from_millis(20)).await;
     assert_eq!(h.driver.count("start"), 2);
-    h.driver
-        .exits
-        .send(Exited {
-            pool: pool_id(),
-            name: "r0".into(),
-            requested: false,
-        })
-        .unwrap();
+    h.crash("r0");
     sleep(Duration::from_millis(1)).await;
     assert_eq!(
         h.phase(),
